@@ -1,0 +1,42 @@
+# Two commands set up everything: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.lancet-installed
+
+# Offline-friendly defaults: no telemetry, no hub downloads in tests.
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test bench e2e clean
+
+install: $(STAMP)
+
+# Reinstalls only when the dependency files change.
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (LANCET needs Python 3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,dask]"
+	# kronfluence is a peer for tests and benchmarks; its metadata asks for torchvision,
+	# which would drag in a CUDA torch, so it goes in without dependencies.
+	$(PY) -m pip install -q --no-deps -c constraints.txt kronfluence einconv
+	@touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/lancet run --config configs/demo.yaml
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not e2e"
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/influence.py --quick
+
+e2e: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m e2e
+
+clean:
+	rm -rf outputs mlruns.db mlartifacts .pytest_cache

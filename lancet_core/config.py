@@ -1,0 +1,287 @@
+"""The one settings tree of LANCET.
+
+YAML files, ``--set a.b=c`` CLI overrides and the Prefect UI form all go through
+:class:`LancetConfig`, so an invalid value fails here, before any work starts, with
+the dotted field path and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and what was expected."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos more often than intentions: refuse them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class WorldConfig(_Section):
+    """The embedded safety-alignment world (generated, seeded, nothing downloaded)."""
+
+    n_train: int = Field(2000, ge=50, le=200_000, description="Training samples, planted included.")
+    planted_fraction: float = Field(0.02, ge=0.0, le=0.5, description="Share of planted contaminated samples.")
+    planted_categories: list[str] = Field(default_factory=lambda: ["fraud"], min_length=1)
+    variant: Literal["templated", "paraphrase"] = "templated"
+    n_heldout: int = Field(200, ge=0, description="Held-out benign samples (model selection, perplexity).")
+
+
+class DataConfig(_Section):
+    source: Literal["world", "hh-rlhf", "beavertails", "generic"] = "world"
+    path_or_name: str | None = Field(None, description="Local JSONL/JSONL.gz/parquet file or hub dataset name.")
+    split: str = "train"
+    columns: dict[str, str] = Field(default_factory=dict, description="generic loader: prompt/response -> column.")
+    on_bad_rows: Literal["raise", "skip"] = "raise"
+    max_samples: int | None = Field(None, ge=1)
+    world: WorldConfig = Field(default_factory=WorldConfig)
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> "DataConfig":
+        if self.source != "world" and not self.path_or_name:
+            raise ValueError(f"data.path_or_name is required when data.source is {self.source!r}")
+        return self
+
+
+class ModelConfig(_Section):
+    name_or_path: str | None = Field(
+        None, description="Hub name or local folder. None builds the embedded tiny Llama."
+    )
+    trust_remote_code: bool = False
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(256, ge=8)
+    vocab_size: int = Field(1024, ge=300, description="BPE vocabulary trained on the corpus.")
+    max_length: int = Field(96, ge=16, description="Tokens per prompt+response sequence.")
+    lora_rank: int | None = Field(None, ge=1, description="Wrap the model with PEFT LoRA of this rank.")
+    dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
+            )
+        return self
+
+
+class TrainingConfig(_Section):
+    """Supervised fine-tuning of the (contaminated) model."""
+
+    epochs: int = Field(3, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-3, gt=0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    patience: int = Field(1, ge=0, description="Epochs without held-out improvement before stopping.")
+    seed: int = 0
+
+
+class GenerationConfig(_Section):
+    max_new_tokens: int = Field(40, ge=1, le=4096)
+    batch_size: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1.0)
+    n_samples: int = Field(1, ge=0, description="Sampled generations per probe prompt (besides greedy).")
+
+
+class DetectorConfig(_Section):
+    kinds: list[Literal["rules", "profanity", "hf_classifier", "guard"]] = Field(default_factory=lambda: ["rules"])
+    combine: Literal["any", "mean"] = "any"
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    hf_model: str | None = None
+    guard_model: str | None = None
+    lexicon_path: str | None = Field(None, description="Override the shipped rule lexicon (JSON).")
+
+
+class QueryConfig(_Section):
+    mode: Literal["batch", "single"] = "batch"
+    standardize: bool = True
+    dedup: bool = True
+    dedup_threshold: float = Field(0.95, gt=0, le=1.0, description="Token-Jaccard above which queries merge.")
+    max_queries: int = Field(256, ge=1)
+
+
+class InfluenceConfig(_Section):
+    method: Literal["linfac", "ekfac", "kfac", "identity", "tfidf"] = "linfac"
+    fisher: Literal["true", "empirical"] = "true"
+    damping: float | None = Field(None, gt=0, description="Absolute damping; None = damping_factor x mean eigenvalue.")
+    damping_factor: float = Field(0.1, gt=0)
+    fit_samples: int | None = Field(None, ge=1, description="Fit factors on a random subset of this size.")
+    batch_size: int = Field(64, ge=1)
+    query_rank: int | None = Field(None, ge=1, description="Low-rank approximation of the preconditioned queries.")
+    top_k_positive: int = Field(80, ge=1, description="Size of P (most harmful).")
+    top_k_negative: int = Field(80, ge=1, description="Size of N (most inhibiting).")
+    seed: int = 0
+
+
+class CorrectionConfig(_Section):
+    method: Literal["ibo", "gradient_ascent", "npo", "filter_retrain", "human_sft", "dpo", "random_ibo", "none"] = "ibo"
+    loss: Literal["logistic", "bregman"] = "logistic"
+    bregman: Literal["entropy", "squared"] = "entropy"
+    influence_weighted: bool = False
+    tau: float = Field(1.0, gt=0)
+    beta: float = Field(0.5, gt=0)
+    lr: float = Field(2e-4, gt=0, le=1.0)
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+    n_pairs: int = Field(80, ge=1)
+    pairing: Literal["random", "nearest_prompt", "all"] = "random"
+    retain_weight: float = Field(1.0, ge=0)
+    max_utility_drop: float = Field(0.10, ge=0, le=1.0, description="Stop when held-out utility drops more than this.")
+    max_kl: float = Field(2.0, gt=0, description="Stop when KL to the reference on benign prompts exceeds this.")
+    lora_rank: int | None = Field(None, ge=1)
+    seed: int = 0
+
+
+class EvaluationConfig(_Section):
+    n_sampled: int = Field(1, ge=0)
+    max_probe_prompts: int | None = Field(None, ge=1)
+    harm_margin: float = Field(0.5, ge=0, le=1.0, description="Promotion: relative drop in harmful rate required.")
+    utility_tolerance: float = Field(0.05, ge=0, le=1.0, description="Promotion: allowed relative utility loss.")
+    diversity_tolerance: float = Field(0.05, ge=0, le=1.0)
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str = Field("sqlite:///mlruns.db", description="Any MLflow tracking URI.")
+    experiment: str | None = Field(None, description="Default: the config name.")
+    registered_model: str = "lancet-policy"
+    enabled: bool = True
+
+
+class OrchestrationConfig(_Section):
+    task_runner: Literal["thread", "dask", "ray"] = "thread"
+    address: str | None = None
+    realign_threshold: float = Field(0.05, ge=0, le=1.0, description="Unsafe rate above which re-alignment runs.")
+    cron: str = "0 3 * * 1"
+
+
+class LancetConfig(_Section):
+    name: str = Field("lancet-demo", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    output_dir: str = "outputs"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    queries: QueryConfig = Field(default_factory=QueryConfig)
+    influence: InfluenceConfig = Field(default_factory=InfluenceConfig)
+    correction: CorrectionConfig = Field(default_factory=CorrectionConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    def section_hash(self, *sections: str) -> str:
+        """Content hash of some sub-trees (cache keys read only what a stage reads)."""
+        dump = self.model_dump(mode="json")
+        picked = {s: _get_dotted(dump, s) for s in sections} if sections else dump
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(redact(self.model_dump(mode="json")), sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml())
+        return path
+
+
+_SECRET_IN_URI = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@")
+_SECRET_KEYS = re.compile(r"(token|password|secret|api_key)", re.IGNORECASE)
+
+
+def redact(value: Any) -> Any:
+    """Hide credentials (``user:pass@`` in URIs, *token*/*password* keys) before a config is logged."""
+    if isinstance(value, dict):
+        return {k: ("***" if _SECRET_KEYS.search(str(k)) and v else redact(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        return _SECRET_IN_URI.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
+    return value
+
+
+def _get_dotted(tree: dict, dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _parse_scalar(text: str) -> Any:
+    # YAML scalars: "0.01" -> float, "true" -> bool, "[a, b]" -> list, "null" -> None.
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(tree: dict, overrides: list[str] | None) -> dict:
+    """Apply ``a.b.c=value`` overrides to a plain dict (before validation)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. influence.damping=0.01")
+        key, raw = item.split("=", 1)
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+        node[parts[-1]] = _parse_scalar(raw)
+    return tree
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(root)"
+        got = e.get("input")
+        got_txt = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {path}: {e['msg']}{got_txt}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def build_config(tree: dict | None = None, overrides: list[str] | None = None) -> LancetConfig:
+    tree = apply_overrides(dict(tree or {}), overrides)
+    try:
+        return LancetConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LancetConfig:
+    """Load a YAML config file (or the defaults) and apply dotted overrides."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(loaded).__name__}")
+        tree = loaded or {}
+    try:
+        return build_config(tree, overrides)
+    except ConfigError as err:
+        where = f" ({path})" if path else ""
+        raise ConfigError(f"{err}{where}") from None

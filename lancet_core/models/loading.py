@@ -1,0 +1,127 @@
+"""Model construction, loading and saving: one ``from_pretrained`` path for hub and local models.
+
+The embedded tiny Llama is built with ``from_config`` and saved with ``save_pretrained``
+(safetensors); from then on it is loaded exactly like a hub model by name or folder.
+Security: weights load from safetensors only unless ``allow_pickle=True`` is passed, and
+``trust_remote_code`` is off unless the config turns it on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from lancet_core.config import ModelConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded; the message says which and why."""
+
+
+def build_tiny_llama(cfg: ModelConfig, tokenizer) -> LlamaForCausalLM:
+    """A small Llama whose every projection is an ``nn.Linear`` (what the influence hooks expect)."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=max(128, cfg.max_length * 2),
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        attention_dropout=0.0,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def _has_safetensors(path: Path) -> bool:
+    return any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # transformers raises many types; the user needs one message
+        raise ModelLoadError(f"could not load tokenizer {name_or_path!r}: {err}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name_or_path: str, cfg: ModelConfig | None = None, allow_pickle: bool = False):
+    """Load a causal LM by hub name or local folder (safetensors only unless ``allow_pickle``)."""
+    cfg = cfg or ModelConfig()
+    local = Path(name_or_path)
+    if local.exists():
+        if not local.is_dir():
+            raise ModelLoadError(f"model path {local} is a file; expected a Hugging Face model folder")
+        if not (local / "config.json").exists():
+            raise ModelLoadError(f"model folder {local} has no config.json; expected save_pretrained output")
+        if not _has_safetensors(local) and not allow_pickle:
+            raise ModelLoadError(
+                f"model folder {local} has no .safetensors weights; pickled checkpoints can run code on "
+                "load and are refused (pass allow_pickle=True only for a file you trust)"
+            )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+            dtype=_DTYPES[cfg.dtype],
+        )
+    except Exception as err:
+        raise ModelLoadError(f"could not load model {name_or_path!r}: {err}") from None
+    if cfg.lora_rank:
+        model = wrap_lora(model, cfg.lora_rank)
+    return model.to(cfg.device)
+
+
+def wrap_lora(model, rank: int):
+    from peft import LoraConfig, get_peft_model
+
+    targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+                     - {"lm_head"})
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0))
+
+
+def check_tokenizer_matches(model, tokenizer) -> None:
+    """A tokenizer with more ids than the model's embedding table indexes out of range deep in torch."""
+    n_embed = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > n_embed:
+        raise ModelLoadError(
+            f"tokenizer has {len(tokenizer)} tokens but the model's embedding table has {n_embed}: "
+            "they do not belong together"
+        )
+
+
+def save_model(model, tokenizer, path: str | Path) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def folder_checksum(path: str | Path) -> str:
+    """Content hash of a model folder (weights, config, tokenizer): the cache key of a checkpoint."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        if f.name.startswith(".") or f.suffix in {".lock", ".tmp"}:
+            continue
+        h.update(str(f.relative_to(path)).encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
