@@ -1,0 +1,77 @@
+"""Stage 2 - model: train the (contaminated) model on the training table, or load one by name.
+
+With ``model.name_or_path`` unset, a byte-level BPE tokenizer is trained on the corpus and a
+tiny Llama is fine-tuned on the training table. With a hub name or folder, that model is
+loaded (safetensors only, ``trust_remote_code`` off unless configured) and fine-tuned the
+same way. The result is a Hugging Face folder; its content checksum keys every later stage.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from lancet_core.config import LancetConfig
+from lancet_core.models.loading import (
+    build_tiny_llama, check_tokenizer_matches, folder_checksum, load_model, load_tokenizer, save_model,
+)
+from lancet_core.models.sft import seed_everything, train_sft
+from lancet_core.models.tokenizer import train_tokenizer
+from lancet_core.stages.common import StageResult, run_stage
+from lancet_core.storage import inputs_key
+
+
+def _corpus(tables: dict[str, pd.DataFrame]) -> list[str]:
+    texts: list[str] = []
+    for name in ("train", "heldout"):
+        texts += tables[name]["prompt"].tolist() + tables[name]["response"].tolist()
+    texts += tables["probes"]["prompt"].tolist()
+    return texts
+
+
+def model_stage(cfg: LancetConfig, data_dir: str | Path, data_digest: str, force: bool = False) -> StageResult:
+    from lancet_core.stages.data import load_tables
+
+    inputs = {"stage": "model", "version": 1, "data_digest": data_digest,
+              "model": cfg.section_hash("model", "training"), "seed": cfg.seed}
+
+    # Keyed by the inputs, so a crashed run resumes its own epochs and never another config's.
+    state_dir = cfg.run_dir() / f"model.trainer_state-{inputs_key(inputs)}"
+
+    def compute(out: Path) -> dict:
+        tables = load_tables(data_dir)
+        seed_everything(cfg.training.seed)
+        if cfg.model.name_or_path:
+            tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+            model = load_model(cfg.model.name_or_path, cfg.model)
+            check_tokenizer_matches(model, tokenizer)
+        else:
+            tokenizer = train_tokenizer(_corpus(tables), cfg.model.vocab_size)
+            model = build_tiny_llama(cfg.model, tokenizer)
+        train, held = tables["train"], tables["heldout"]
+        result = train_sft(model, tokenizer, train["prompt"].tolist(), train["response"].tolist(),
+                           held["prompt"].tolist(), held["response"].tolist(), cfg.training,
+                           cfg.model.max_length, state_dir=state_dir)
+        model_dir = save_model(model, tokenizer, out / "hf")
+        shutil.rmtree(state_dir, ignore_errors=True)
+        return {"n_params": sum(p.numel() for p in model.parameters()),
+                "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+                "train_loss": result.train_losses[-1], "heldout_loss": min(result.heldout_losses),
+                "checksum": folder_checksum(model_dir)}
+
+    res = run_stage(cfg.run_dir() / "model", inputs, compute, force=force)
+    res.outputs["model_dir"] = str(Path(res.path) / "hf")
+    return res
+
+
+def load_trained(model_dir: str | Path, cfg: LancetConfig):
+    """(model, tokenizer) from a stage folder, through the same from_pretrained path as hub models."""
+    tokenizer = load_tokenizer(str(model_dir), cfg.model.trust_remote_code)
+    model = load_model(str(model_dir), cfg.model.model_copy(update={"lora_rank": None}))
+    check_tokenizer_matches(model, tokenizer)
+    model.eval()
+    torch.set_grad_enabled(True)
+    return model, tokenizer

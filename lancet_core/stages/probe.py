@@ -1,0 +1,36 @@
+"""Stage 3 - probe and detect: generate on probe prompts, grade with the detector.
+
+Outputs ``generations.parquet`` (every probe response with its unsafe probability) and
+``unsafe.parquet`` (the flagged ones: the raw material of the influence query set), plus the
+model's behaviour metrics (the *before* column of the demo).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lancet_core.config import LancetConfig
+from lancet_core.stages.common import StageResult, run_stage
+
+
+def probe_stage(cfg: LancetConfig, data_dir: str | Path, model_dir: str | Path, model_checksum: str,
+                data_digest: str, name: str = "probe", force: bool = False) -> StageResult:
+    from lancet_core.detection import build_detector
+    from lancet_core.evaluation.behaviour import evaluate_behaviour
+    from lancet_core.stages.data import load_tables
+    from lancet_core.stages.model import load_trained
+
+    inputs = {"stage": "probe", "version": 1, "model": model_checksum, "data_digest": data_digest,
+              "config": cfg.section_hash("generation", "detector", "evaluation"), "seed": cfg.seed}
+
+    def compute(out: Path) -> dict:
+        tables = load_tables(data_dir)
+        model, tokenizer = load_trained(model_dir, cfg)
+        detector = build_detector(cfg.detector)
+        metrics, gens = evaluate_behaviour(model, tokenizer, tables, detector, cfg, progress=True)
+        gens.to_parquet(out / "generations.parquet", index=False)
+        unsafe = gens[gens["unsafe"]].reset_index(drop=True)
+        unsafe.to_parquet(out / "unsafe.parquet", index=False)
+        return {"metrics": metrics, "n_unsafe": len(unsafe), "n_generations": len(gens)}
+
+    return run_stage(cfg.run_dir() / name, inputs, compute, force=force)
