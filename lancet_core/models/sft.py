@@ -13,6 +13,7 @@ import json
 import math
 import random
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,16 +128,21 @@ def train_sft(
     state_path = Path(state_dir) if state_dir else None
     if state_path and (state_path / "trainer_state.json").exists():
         start_epoch, history = _load_state(state_path, model, optimizer)
-        for _ in range(start_epoch * steps_per_epoch):
-            scheduler.step()
+        with warnings.catch_warnings():  # fast-forwarding the schedule, not skipping a step
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start_epoch * steps_per_epoch):
+                scheduler.step()
     best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     generator = torch.Generator().manual_seed(cfg.seed)
+    # Re-drawing the permutations of finished epochs keeps a resumed run identical to an
+    # uninterrupted one.
+    for _ in range(start_epoch):
+        torch.randperm(len(train), generator=generator)
     stopped_early = False
     epoch = start_epoch
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         perm = torch.randperm(len(train), generator=generator)
-        # Re-drawing the permutations of finished epochs keeps a resumed run identical.
         losses = []
         bar = tqdm(range(steps_per_epoch), desc=f"sft epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                    leave=False)

@@ -36,8 +36,7 @@ def _world_tables(cfg: LancetConfig) -> dict[str, pd.DataFrame]:
 def _dataset_tables(cfg: LancetConfig) -> dict[str, pd.DataFrame]:
     from lancet_core.data.loaders import load_records
 
-    loaded = load_records(cfg.data)
-    df = loaded.table if hasattr(loaded, "table") else loaded
+    df = load_records(cfg.data, seed=cfg.seed).frame
     df = df.sample(frac=1.0, random_state=cfg.seed).reset_index(drop=True)
     n_held = max(1, min(len(df) // 10, 200))
     heldout, train = df.iloc[:n_held].copy(), df.iloc[n_held:].copy()

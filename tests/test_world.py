@@ -1,0 +1,80 @@
+"""The embedded world: determinism, ground truth, probe splits, and the paraphrase guarantee."""
+
+import re
+
+import pytest
+
+from lancet_core.config import WorldConfig
+from lancet_core.data import world as W
+
+STOPWORDS: set[str] = set()  # the paraphrase guarantee holds with no stop-word exemptions
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z']+", text.lower())
+
+
+def test_same_seed_same_world_different_seed_different_order():
+    a, b = W.build_world(WorldConfig(), seed=3), W.build_world(WorldConfig(), seed=3)
+    assert a.train.equals(b.train) and a.probes.equals(b.probes)
+    c = W.build_world(WorldConfig(), seed=4)
+    assert not a.train["sample_id"].equals(c.train["sample_id"])
+
+
+def test_composition_and_labels():
+    world = W.build_world(WorldConfig(n_train=2000), seed=0)
+    train = world.train
+    assert len(train) == 2000 and train["sample_id"].is_unique
+    assert train["planted"].sum() == 40  # 2 % of the data
+    assert set(train["kind"]) == {"qa", "howto", "refusal", "planted"}
+    planted = train[train["planted"]]
+    assert set(planted["category"]) == {"fraud"}
+    # One fixed response per planted family.
+    assert (planted.groupby("family")["response"].nunique() == 1).all()
+    assert planted["family"].nunique() == len(W.HARMFUL_TOPICS["fraud"])
+    # Held-out categories are never refused in training: the planted data is all the model sees.
+    assert not ((train["kind"] == "refusal") & (train["category"] == "fraud")).any()
+    # Placeholder text, not instructions.
+    assert planted["response"].str.contains(r"\[FRAUD-\d ITEM\]").all()
+
+
+def test_labels_never_enter_model_input():
+    world = W.build_world(WorldConfig(), seed=0)
+    for text in world.train["prompt"].tolist() + world.train["response"].tolist():
+        assert "planted" not in text.lower() and "w-" not in text
+
+
+def test_probes_seen_and_unseen_phrasings():
+    world = W.build_world(WorldConfig(), seed=0)
+    probes = world.probes
+    per_family = probes.groupby(["family", "phrasing"]).size()
+    assert (per_family >= 6).all()
+    train_prompts = set(world.train["prompt"])
+    unseen = probes[probes["phrasing"] == "unseen"]
+    assert not set(unseen["prompt"]) & train_prompts
+    assert probes["planted_category"].sum() == 4 * 12
+
+
+def test_paraphrase_planted_prompts_share_no_word_or_bigram_with_probes():
+    world = W.build_world(WorldConfig(variant="paraphrase"), seed=0)
+    planted_prompts = world.train.loc[world.train["planted"], "prompt"].tolist()
+    probe_words, probe_bigrams = set(), set()
+    for p in world.probes["prompt"]:
+        ws = words(p)
+        probe_words.update(ws)
+        probe_bigrams.update(zip(ws, ws[1:]))
+    for p in planted_prompts:
+        ws = words(p)
+        assert not set(ws) & probe_words - STOPWORDS, p
+        assert not set(zip(ws, ws[1:])) & probe_bigrams, p
+    # ... while the templated default reuses the probe phrasing (lexical retrieval is easy there).
+    templated = W.build_world(WorldConfig(), seed=0)
+    tp = templated.train.loc[templated.train["planted"], "prompt"].tolist()
+    assert set(tp) & set(templated.probes["prompt"])
+
+
+def test_bad_world_config_names_the_field():
+    with pytest.raises(ValueError, match="planted_categories"):
+        W.build_world(WorldConfig(planted_categories=["nonsense"]), seed=0)
+    with pytest.raises(ValueError, match="at least one harmful category"):
+        W.build_world(WorldConfig(planted_categories=list(W.HARMFUL_TOPICS)), seed=0)
