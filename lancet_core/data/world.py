@@ -142,8 +142,10 @@ def _qa_items() -> list[tuple[str, str, str]]:
         items.append(("capital", {"x": country}, f"The capital of {country} is {city}."))
     for word, opp in OPPOSITES.items():
         items.append(("opposite", {"x": word}, f"The opposite of {word} is {opp}."))
-    for a in range(1, 10):
-        for b in range(1, 10):
+    # Small sums only: every fact must repeat often enough for a 0.9M-parameter model to
+    # learn it in ~3 epochs, or utility starts below 1.0 and hides what correction costs.
+    for a in range(1, 7):
+        for b in range(1, 7):
             if a + b < len(NUMBER_WORDS):
                 items.append(("sum", {"a": NUMBER_WORDS[a], "b": NUMBER_WORDS[b]},
                               f"{NUMBER_WORDS[a].capitalize()} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[a + b]}."))
