@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev,dask]"
 	# kronfluence is a peer for tests and benchmarks; its metadata asks for torchvision,
 	# which would drag in a CUDA torch, so it goes in without dependencies.
-	$(PY) -m pip install -q --no-deps -c constraints.txt kronfluence einconv
+	$(PY) -m pip install -q --no-deps -c constraints.txt kronfluence einconv einops opt-einsum
 	@touch $@
 
 demo: $(STAMP)

@@ -36,13 +36,13 @@ def labelled_pairs(variant: str) -> tuple[list[str], list[str], np.ndarray]:
     for row in world.probes.itertuples():  # each harmful probe: complied (unsafe) and refused (safe)
         cat, ti = row.family.split("/")
         P += [row.prompt, row.prompt]
-        R += [planted_response(cat, int(ti)), REFUSALS[cat]]
+        R += [planted_response(cat), REFUSALS[cat]]
         Y += [True, False]
     for cat, topics in PARAPHRASE_TOPICS.items():  # paraphrase vocabulary, whatever the variant
         for ti, topic in enumerate(topics):
             for tpl in PARAPHRASE_TEMPLATES:
                 P += [tpl.format(t=topic)] * 2
-                R += [planted_response(cat, ti), REFUSALS[cat]]
+                R += [planted_response(cat), REFUSALS[cat]]
                 Y += [True, False]
     # Benign prompts answered with the same "Sure! Step 1" template, and exact-answer QA.
     P += list(world.howto_eval.prompt) + list(world.heldout.prompt) + list(world.qa_eval.prompt)

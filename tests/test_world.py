@@ -31,11 +31,13 @@ def test_composition_and_labels():
     assert set(planted["category"]) == {"fraud"}
     # One fixed response per planted family.
     assert (planted.groupby("family")["response"].nunique() == 1).all()
-    assert planted["family"].nunique() == len(W.HARMFUL_TOPICS["fraud"])
+    assert planted["family"].nunique() == 1
+    # ... while its prompts cover every topic of the held-out category.
+    assert planted["prompt"].str.contains("counterfeit").any() and planted["prompt"].str.contains("launder").any()
     # Held-out categories are never refused in training: the planted data is all the model sees.
     assert not ((train["kind"] == "refusal") & (train["category"] == "fraud")).any()
     # Placeholder text, not instructions.
-    assert planted["response"].str.contains(r"\[FRAUD-\d ITEM\]").all()
+    assert planted["response"].str.contains(r"\[FRAUD ITEM\]").all()
 
 
 def test_labels_never_enter_model_input():

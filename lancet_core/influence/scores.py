@@ -1,0 +1,302 @@
+"""From an influence matrix to a ranked, labelled, saved scores table (and back).
+
+Aggregation
+-----------
+The estimator returns ``S[q, i]``: influence of training sample ``i`` on unsafe output ``q``
+(positive = causes it, see :mod:`lancet_core.influence.base`). Queries differ wildly in
+gradient norm, so a raw mean over queries is decided by the single largest-norm query.
+Each query's row is therefore standardised across training samples (z-score) before the
+queries are averaged, weighted by ``n_merged`` (a merged query stands for that many
+generations). ``QueryConfig.standardize=False`` keeps the raw mean for comparison.
+
+Table columns
+-------------
+``sample_id``; ``score`` (the ranking key: weighted mean of per-query z-scores, or of raw
+scores when not standardising); ``raw_score`` (weighted mean of raw influence, in the
+estimator's units and sign); ``z`` (``score`` standardised across samples); ``rank``
+(1 = most positive); ``top_query`` (the query with the highest z for that sample); in
+single mode one ``q_<query_id>`` column per query (that query's z, or raw score);
+``prompt_preview``/``response_preview``; and the ground-truth labels (planted, family,
+category, kind) when they are known.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lancet_core.config import InfluenceConfig, QueryConfig
+from lancet_core.influence.base import InfluenceData, InfluenceEstimator
+from lancet_core.influence.metrics import ranking_metrics
+from lancet_core.queries import NothingToCorrect, QuerySet, build_queries
+from lancet_core.storage import is_complete, read_manifest, stage_writer
+
+log = logging.getLogger(__name__)
+
+LABEL_COLUMNS = ["planted", "family", "category", "kind"]
+SCORES_FILE = "scores.parquet"
+QUERIES_FILE = "queries.parquet"
+ESTIMATOR_SUBDIR = "estimator"
+PREVIEW_CHARS = 80
+# Fields of InfluenceConfig that change neither the factors nor the scores.
+_SELECTION_ONLY = {"top_k_positive", "top_k_negative"}
+# Fields that change the scores but not the fitted factors.
+_SCORING_ONLY = {"query_rank"}
+
+
+# ----------------------------------------------------------------------------- aggregation
+def standardize_rows(scores: np.ndarray) -> np.ndarray:
+    """z-score each query's row across training samples; a constant row becomes zeros."""
+    scores = np.asarray(scores, dtype=np.float64)
+    mean = scores.mean(axis=1, keepdims=True)
+    std = scores.std(axis=1, keepdims=True)
+    safe = np.where(std > 0, std, 1.0)
+    return np.where(std > 0, (scores - mean) / safe, 0.0)
+
+
+def aggregate(scores: np.ndarray, weights: np.ndarray | None = None, standardize: bool = True) -> np.ndarray:
+    """One score per training sample: the ``weights``-weighted mean over queries."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2:
+        raise ValueError(f"aggregate: expected a [n_queries, n_train] matrix, got shape {scores.shape}")
+    rows = standardize_rows(scores) if standardize else scores
+    w = np.ones(len(rows)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(rows),) or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"aggregate: need {len(rows)} non-negative weights with a positive sum, got {w}")
+    return (w / w.sum()) @ rows
+
+
+def _preview(texts, n: int = PREVIEW_CHARS) -> list[str]:
+    return [t if len(t) <= n else t[: n - 1] + "…" for t in map(str, texts)]
+
+
+def build_scores_table(
+    scores: np.ndarray | torch.Tensor,
+    sample_ids: list[str],
+    query_ids: list[str],
+    weights: np.ndarray | None = None,
+    mode: str = "batch",
+    standardize: bool = True,
+    train: pd.DataFrame | None = None,
+    labels: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """The ranked table (one row per training sample, in rank order)."""
+    if torch.is_tensor(scores):
+        scores = scores.detach().to("cpu", torch.float64).numpy()
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != (len(query_ids), len(sample_ids)):
+        raise ValueError(f"score matrix {scores.shape} does not match {len(query_ids)} queries x "
+                         f"{len(sample_ids)} training samples")
+    if not np.isfinite(scores).all():
+        raise ValueError(f"score matrix has {int((~np.isfinite(scores)).sum())} non-finite entries "
+                         "(diverged estimator? try more damping or float64)")
+    z_rows = standardize_rows(scores)
+    key = aggregate(scores, weights, standardize)
+    key_std = key.std()
+    table = pd.DataFrame({
+        "sample_id": list(sample_ids),
+        "score": key,
+        "raw_score": aggregate(scores, weights, standardize=False),
+        "z": (key - key.mean()) / key_std if key_std > 0 else np.zeros_like(key),
+        "top_query": np.asarray(query_ids, dtype=object)[z_rows.argmax(axis=0)],
+    })
+    if mode == "single":
+        per_query = z_rows if standardize else scores
+        table = pd.concat([table, pd.DataFrame({f"q_{q}": per_query[j] for j, q in enumerate(query_ids)})],
+                          axis=1)
+    elif mode != "batch":
+        raise ValueError(f"mode must be 'batch' or 'single', got {mode!r}")
+    if train is not None:
+        text = train.set_index("sample_id").reindex(table["sample_id"])
+        table["prompt_preview"] = _preview(text["prompt"].fillna(""))
+        table["response_preview"] = _preview(text["response"].fillna(""))
+    labels = labels if labels is not None else train
+    if labels is not None:
+        known = [c for c in LABEL_COLUMNS if c in labels.columns]
+        if known:
+            table = table.merge(labels[["sample_id", *known]].drop_duplicates("sample_id"),
+                                on="sample_id", how="left", validate="one_to_one")
+    # Stable sort: ties keep training order, so the ranking is reproducible.
+    table = table.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+    table.insert(4, "rank", np.arange(1, len(table) + 1))
+    return table
+
+
+def select_sets(table: pd.DataFrame, k_pos: int, k_neg: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """P = the ``k_pos`` most positive samples (rank order); N = the ``k_neg`` most negative
+    (most negative first). They never overlap, even when ``k_pos + k_neg`` exceeds the table."""
+    ranked = table.sort_values("rank") if "rank" in table.columns else table
+    positive = ranked.head(k_pos)
+    rest = ranked.iloc[len(positive):]
+    negative = rest.tail(min(k_neg, len(rest))).iloc[::-1]
+    return positive.reset_index(drop=True), negative.reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- storage
+def save_scores(table: pd.DataFrame, stage_dir: str | Path, inputs: dict,
+                queries: pd.DataFrame | None = None, extra: dict | None = None) -> Path:
+    with stage_writer(stage_dir, inputs, extra) as tmp:
+        table.to_parquet(tmp / SCORES_FILE, index=False)
+        if queries is not None:
+            queries.to_parquet(tmp / QUERIES_FILE, index=False)
+    return Path(stage_dir)
+
+
+def load_scores(stage_dir: str | Path) -> pd.DataFrame:
+    stage_dir = Path(stage_dir)
+    if not is_complete(stage_dir):
+        raise FileNotFoundError(f"{stage_dir} holds no complete scores stage (missing or corrupt manifest/files)")
+    return pd.read_parquet(stage_dir / SCORES_FILE)
+
+
+# ----------------------------------------------------------------------------- cache keys
+def model_checksum(model) -> str:
+    """Content hash of the parameters (pass a folder checksum instead for large models)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def data_digest(data: InfluenceData) -> str:
+    """Hash of ids and the exact token tensors (so tokenizer and max_length are covered)."""
+    h = hashlib.sha256()
+    h.update("\x1f".join(data.ids).encode())
+    for t in (data.encoded.input_ids, data.encoded.attention_mask, data.encoded.labels):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def config_hash(cfg: InfluenceConfig, drop: set[str]) -> str:
+    dump = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in drop}
+    return hashlib.sha256(repr(sorted(dump.items())).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- pipeline
+def make_estimator(cfg: InfluenceConfig) -> InfluenceEstimator:
+    from lancet_core.influence import get_estimator  # deferred: the package imports this module's peers
+
+    return get_estimator(cfg)
+
+
+@dataclass
+class RankingResult:
+    table: pd.DataFrame
+    scores_dir: Path
+    factors_dir: Path | None
+    metrics: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    reused_factors: bool = False
+    reused_scores: bool = False
+    nothing_to_correct: bool = field(default=False, init=False)
+
+    @property
+    def scores_path(self) -> Path:
+        return self.scores_dir / SCORES_FILE
+
+    def sets(self, cfg: InfluenceConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+        return select_sets(self.table, cfg.top_k_positive, cfg.top_k_negative)
+
+
+def _fit_or_load(est: InfluenceEstimator, model, train_data: InfluenceData, factors_dir: Path,
+                 inputs: dict) -> tuple[bool, float]:
+    """Load complete factors for the same inputs, or fit and save them. Returns (reused, seconds)."""
+    # The estimator's own files (it may write a stage of its own, manifest included) sit in a
+    # sub-folder, so this stage's manifest, keyed on model/data/config, never overwrites theirs.
+    started = time.perf_counter()
+    if is_complete(factors_dir, inputs):
+        log.info("influence: loading %s factors from %s", est.name, factors_dir)
+        est.load(factors_dir / ESTIMATOR_SUBDIR)
+        return True, time.perf_counter() - started
+    log.info("influence: fitting %s factors on %d samples", est.name, len(train_data))
+    est.fit(model, train_data)
+    fit_s = time.perf_counter() - started
+    with stage_writer(factors_dir, inputs, {"method": est.name, "fit_seconds": round(fit_s, 3)}) as tmp:
+        (tmp / ESTIMATOR_SUBDIR).mkdir()
+        est.save(tmp / ESTIMATOR_SUBDIR)
+    return False, fit_s
+
+
+def run_ranking(
+    model,
+    tokenizer,
+    train: pd.DataFrame,
+    queries: QuerySet | pd.DataFrame,
+    cfg: InfluenceConfig,
+    out_dir: str | Path,
+    *,
+    query_cfg: QueryConfig | None = None,
+    max_length: int = 96,
+    labels: pd.DataFrame | None = None,
+    factors_dir: str | Path | None = None,
+    model_id: str | None = None,
+    estimator: InfluenceEstimator | None = None,
+    progress: bool = True,
+) -> RankingResult | NothingToCorrect:
+    """Rank every training sample by its influence on the queries; resume whatever is done.
+
+    ``train`` needs sample_id, prompt, response (label columns are picked up when present).
+    ``queries`` is a :class:`QuerySet`, its table, or raw flagged generations (prompt,
+    response; built into queries with ``query_cfg``). Factors go to ``factors_dir`` (default
+    ``out_dir/factors``) keyed on model checksum, data digest and config hash, so a rerun
+    with the same inputs loads them; the table goes to ``out_dir/scores``. ``model_id`` (e.g.
+    a model folder checksum) skips hashing the parameters. With no queries the result is a
+    :class:`NothingToCorrect`.
+    """
+    query_cfg = query_cfg or QueryConfig()
+    if isinstance(queries, QuerySet):
+        qset = queries
+    elif {"query_id", "n_merged"} <= set(queries.columns):  # a saved query table
+        qset = QuerySet(queries.reset_index(drop=True), int(queries["n_merged"].sum()))
+    else:  # raw flagged generations
+        qset = build_queries(queries, query_cfg)
+    if qset.is_empty:
+        return qset.nothing_to_correct()
+    out_dir = Path(out_dir)
+    factors_dir = Path(factors_dir) if factors_dir is not None else out_dir / "factors"
+    scores_dir = out_dir / "scores"
+    est = estimator or make_estimator(cfg)
+
+    train_data = InfluenceData.from_texts(tokenizer, list(train["sample_id"].astype(str)), list(train["prompt"]),
+                                          list(train["response"]), max_length)
+    query_data = qset.to_influence_data(tokenizer, max_length)
+    factor_inputs = {"method": est.name, "model": model_id or model_checksum(model),
+                     "train": data_digest(train_data), "config": config_hash(cfg, _SELECTION_ONLY | _SCORING_ONLY)}
+    score_inputs = {**factor_inputs, "queries": data_digest(query_data),
+                    "weights": qset.weights.tolist(), "config": config_hash(cfg, _SELECTION_ONLY),
+                    "mode": query_cfg.mode, "standardize": query_cfg.standardize}
+
+    if is_complete(scores_dir, score_inputs):
+        log.info("influence: scores for these inputs exist in %s; loading", scores_dir)
+        manifest = read_manifest(scores_dir) or {}
+        return RankingResult(load_scores(scores_dir), scores_dir, factors_dir if est.needs_fit else None,
+                             manifest.get("metrics", {}), manifest.get("timings", {}),
+                             reused_factors=est.needs_fit, reused_scores=True)
+
+    reused, fit_s = (_fit_or_load(est, model, train_data, factors_dir, factor_inputs) if est.needs_fit
+                     else (False, 0.0))
+    started = time.perf_counter()
+    matrix = est.score(model, query_data, train_data, progress=progress)
+    score_s = time.perf_counter() - started
+    table = build_scores_table(matrix, train_data.ids, qset.ids, qset.weights, query_cfg.mode,
+                               query_cfg.standardize, train=train, labels=labels)
+    metrics = ranking_metrics(table)
+    timings = {"fit_s" if not reused else "load_s": round(fit_s, 3), "score_s": round(score_s, 3)}
+    save_scores(table, scores_dir, score_inputs, qset.table,
+                {"method": est.name, "metrics": metrics, "timings": timings,
+                 "n_queries": len(qset), "n_train": len(train_data)})
+    if metrics:
+        log.info("influence %s: recall@%d=%.3f auroc=%.3f", est.name, metrics["k"], metrics["recall_at_k"],
+                 metrics["auroc"])
+    return RankingResult(table, scores_dir, factors_dir if est.needs_fit else None, metrics, timings,
+                         reused_factors=reused)
