@@ -127,18 +127,28 @@ class InfluenceConfig(_Section):
 
 
 class CorrectionConfig(_Section):
+    """Post-training from the influence ranking. Defaults chosen on held-out benign prompts
+    (never on the evaluation probes): see docs/ibo.md for the sweep behind them."""
+
     method: Literal["ibo", "gradient_ascent", "npo", "filter_retrain", "human_sft", "dpo", "random_ibo", "none"] = "ibo"
-    loss: Literal["logistic", "bregman"] = "logistic"
+    loss: Literal["logistic", "bregman"] = "bregman"
     bregman: Literal["entropy", "squared"] = "entropy"
-    influence_weighted: bool = False
+    influence_weighted: bool = True
     tau: float = Field(1.0, gt=0)
-    beta: float = Field(0.5, gt=0)
-    lr: float = Field(2e-4, gt=0, le=1.0)
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(16, ge=1)
+    beta: float = Field(0.1, gt=0)
+    lr: float = Field(1e-4, gt=0, le=1.0)
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(8, ge=1)
     n_pairs: int = Field(80, ge=1)
     pairing: Literal["random", "nearest_prompt", "all"] = "random"
-    retain_weight: float = Field(1.0, ge=0)
+    prompt_mode: Literal["shared", "own"] = Field(
+        "shared", description="shared: score both sides of a pair under P's prompt; own: each under its own.")
+    n_anchors: int | None = Field(None, ge=0, description="Benign anchor pairs; None = as many as pairs.")
+    similarity: Literal["jaccard", "tfidf"] = "jaccard"
+    retain_weight: float = Field(3.0, ge=0)
+    retain_batch_size: int | None = Field(None, ge=1, description="None = 4 x batch_size.")
+    monitor_every: int = Field(5, ge=1, description="Guard check every this many steps.")
+    monitor_prompts: int = Field(32, ge=1, description="Held-out benign prompts per guard check.")
     max_utility_drop: float = Field(0.10, ge=0, le=1.0, description="Stop when held-out utility drops more than this.")
     max_kl: float = Field(2.0, gt=0, description="Stop when KL to the reference on benign prompts exceeds this.")
     lora_rank: int | None = Field(None, ge=1)

@@ -1,0 +1,58 @@
+"""Stage 7 - correct: post-train the model from the influence ranking (IBO by default).
+
+The corrected model is a new Hugging Face folder; the contaminated one is never modified.
+When the divergence guard stops training, the last good weights are saved and the reason is
+recorded, so the promotion gate can refuse the candidate with that reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from lancet_core.config import LancetConfig
+from lancet_core.stages.common import StageResult, run_stage
+from lancet_core.storage import inputs_key
+
+
+def correct_stage(cfg: LancetConfig, data_dir: str | Path, data_digest: str, model_dir: str | Path,
+                  model_checksum: str, rank_dir: str | Path, method: str | None = None,
+                  force: bool = False) -> StageResult:
+    from lancet_core.correction import correct
+    from lancet_core.models.loading import folder_checksum, save_model
+    from lancet_core.models.sft import seed_everything
+    from lancet_core.stages.data import load_tables
+    from lancet_core.stages.model import load_trained
+
+    method = method or cfg.correction.method
+    scores_path = Path(rank_dir) / "scores.parquet"
+    inputs = {"stage": "correct", "version": 1, "method": method, "model": model_checksum,
+              "data_digest": data_digest, "scores": _file_key(scores_path),
+              "config": cfg.section_hash("correction", "influence.top_k_positive", "influence.top_k_negative")}
+    name = "correction" if method == cfg.correction.method else f"correction-{method}"
+    checkpoint_dir = cfg.run_dir() / f"{name}.checkpoints-{inputs_key(inputs)}"
+
+    def compute(out: Path) -> dict:
+        tables = load_tables(data_dir)
+        scores = pd.read_parquet(scores_path) if scores_path.exists() else None
+        model, tokenizer = load_trained(model_dir, cfg)
+        seed_everything(cfg.correction.seed)
+        result = correct(method, model, tokenizer, tables["train"], scores, cfg, {"heldout": tables["heldout"]},
+                         checkpoint_dir=checkpoint_dir, progress=True)
+        model_out = save_model(result.model, tokenizer, out / "hf")
+        result.history_frame().to_parquet(out / "history.parquet", index=False)
+        return {"method": method, "stopped_reason": result.stopped_reason,
+                "stopped_by_guard": result.stopped_by_guard, "applicable": result.applicable,
+                "last_good_step": result.last_good_step, "checksum": folder_checksum(model_out),
+                "info": {k: v for k, v in result.info.items() if isinstance(v, (int, float, str, bool))}}
+
+    res = run_stage(cfg.run_dir() / name, inputs, compute, force=force)
+    res.outputs["model_dir"] = str(Path(res.path) / "hf")
+    return res
+
+
+def _file_key(path: Path) -> str:
+    from lancet_core.storage import file_sha256
+
+    return file_sha256(path)[:16] if path.exists() else "none"

@@ -1,0 +1,79 @@
+"""Stages 4-6 - recall: query set, influence factors, ranking of every training sample.
+
+``queries_stage`` turns the probe stage's flagged generations into influence queries (an
+empty set is a clean *nothing to correct*). ``fit_stage`` fits the estimator's curvature
+factors once per (model, training data, influence config); ``rank_stage`` scores the
+queries against every training sample with those factors and writes the ranked table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from lancet_core.config import LancetConfig
+from lancet_core.stages.common import StageResult, run_stage
+
+QUERIES_FILE = "queries.parquet"
+
+
+def queries_stage(cfg: LancetConfig, probe_dir: str | Path, probe_key: str, force: bool = False) -> StageResult:
+    from lancet_core.queries import build_queries
+
+    inputs = {"stage": "queries", "version": 1, "probe": probe_key, "config": cfg.section_hash("queries")}
+
+    def compute(out: Path) -> dict:
+        unsafe = pd.read_parquet(Path(probe_dir) / "unsafe.parquet")
+        qset = build_queries(unsafe, cfg.queries)
+        qset.table.to_parquet(out / QUERIES_FILE, index=False)
+        return {"n_queries": len(qset), "n_input": qset.n_input, "nothing_to_correct": qset.is_empty,
+                "n_dropped_by_cap": qset.n_dropped_by_cap}
+
+    return run_stage(cfg.run_dir() / "queries", inputs, compute, force=force)
+
+
+def _train_data(cfg: LancetConfig, data_dir: str | Path, tokenizer):
+    from lancet_core.influence.base import InfluenceData
+
+    train = pd.read_parquet(Path(data_dir) / "train.parquet")
+    data = InfluenceData.from_texts(tokenizer, train["sample_id"].astype(str).tolist(), train["prompt"].tolist(),
+                                    train["response"].tolist(), cfg.model.max_length)
+    return train, data
+
+
+def fit_stage(cfg: LancetConfig, data_dir: str | Path, data_digest: str, model_dir: str | Path,
+              model_checksum: str, force: bool = False) -> StageResult:
+    """Fit curvature factors; the folder is what ``rank_stage`` (and MLflow) read."""
+    from lancet_core.influence.scores import fit_factors
+    from lancet_core.stages.model import load_trained
+
+    fit_dir = cfg.run_dir() / "factors"
+    model, tokenizer = load_trained(model_dir, cfg)
+    train, data = _train_data(cfg, data_dir, tokenizer)
+    fitted = fit_factors(model, data, cfg.influence, fit_dir, model_id=model_checksum, force=force)
+    return StageResult(str(fit_dir), {"method": cfg.influence.method, "fit_s": fitted.seconds,
+                                      "factor_bytes": fitted.factor_bytes, "n_fit": fitted.n_fit},
+                       cached=fitted.reused, seconds=fitted.seconds)
+
+
+def rank_stage(cfg: LancetConfig, data_dir: str | Path, data_digest: str, model_dir: str | Path,
+               model_checksum: str, fit_dir: str | Path, queries_dir: str | Path,
+               force: bool = False) -> StageResult:
+    from lancet_core.influence.scores import run_ranking
+    from lancet_core.stages.model import load_trained
+
+    queries = pd.read_parquet(Path(queries_dir) / QUERIES_FILE)
+    out_dir = cfg.run_dir()
+    if len(queries) == 0:
+        return StageResult(str(out_dir / "scores"), {"nothing_to_correct": True, "metrics": {}, "n_queries": 0})
+    model, tokenizer = load_trained(model_dir, cfg)
+    train = pd.read_parquet(Path(data_dir) / "train.parquet")
+    result = run_ranking(model, tokenizer, train, queries, cfg.influence, out_dir, query_cfg=cfg.queries,
+                         max_length=cfg.model.max_length, factors_dir=fit_dir, model_id=model_checksum,
+                         progress=True, force=force)
+    positive, negative = result.sets(cfg.influence)
+    return StageResult(str(result.scores_dir), {
+        "metrics": result.metrics, "timings": result.timings, "n_queries": len(queries),
+        "n_positive": len(positive), "n_negative": len(negative), "method": cfg.influence.method,
+        "nothing_to_correct": False}, cached=result.reused_scores, seconds=result.timings.get("score_s", 0.0))
