@@ -213,7 +213,8 @@ class LancetConfig(_Section):
 
 
 _SECRET_IN_URI = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@")
-_SECRET_KEYS = re.compile(r"(token|password|secret|api_key)", re.IGNORECASE)
+# Whole-word key endings only: `max_new_tokens` is a setting, `hf_token` is a secret.
+_SECRET_KEYS = re.compile(r"(?:^|_)(token|password|secret|api_key)$", re.IGNORECASE)
 
 
 def redact(value: Any) -> Any:

@@ -1,0 +1,4 @@
+"""Prefect flows: ``lancet_correction`` (flows/correction.py) and ``scheduled_realignment``
+(flows/realignment.py). Flows only compose tasks; the work lives in ``lancet_core``."""
+
+import lancet_cli.env  # noqa: F401

@@ -1,0 +1,477 @@
+"""The ``lancet`` command line (typer).
+
+    lancet run --config FILE [--set a.b=c ...]   the correction flow, then a before/after table
+    lancet compare --config FILE                 IBO and every baseline on the same ranking
+    lancet serve [--config FILE]                 both flows as deployments, in this process
+    lancet ui                                    MLflow UI (127.0.0.1:5000) + Prefect UI (127.0.0.1:4200)
+    lancet report RUN_ID                         self-contained HTML report of an MLflow run
+    lancet inspect --config FILE [--query ID]    the training samples behind one unsafe output
+    lancet config show|validate                  the resolved configuration
+
+A bad configuration value fails before any work starts: the message names the field path
+and what was expected, and the exit code is 2. Prefect and MLflow are imported lazily so
+``lancet config ...`` answers at once.
+"""
+
+from __future__ import annotations
+
+from lancet_cli import env as _env  # noqa: F401  (offline defaults first)
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from lancet_core.config import ConfigError, LancetConfig, load_config
+
+app = typer.Typer(name="lancet", help="LANCET: find the training data behind unsafe outputs and correct the model.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+config_app = typer.Typer(help="Show or validate a configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (default: built-in defaults).")
+SetOpt = typer.Option(None, "--set", "-s", help="Override a value: --set influence.damping=0.01 (repeatable).")
+
+MLFLOW_PORT, PREFECT_PORT, HOST = 5000, 4200, "127.0.0.1"
+
+
+# ------------------------------------------------------------------------------ helpers
+def fail(message: str, code: int = 1) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(message)}")
+    raise typer.Exit(code)
+
+
+def load(config: Optional[Path], sets: Optional[list[str]]) -> LancetConfig:
+    """The validated config, or a clean error and exit code 2 (before any work)."""
+    try:
+        return load_config(config, sets or [])
+    except ConfigError as err:
+        fail(str(err), code=2)
+        raise  # unreachable (typer.Exit above)
+
+
+def _prefect_server_up(url: str, timeout: float = 0.5) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as resp:  # noqa: S310 (localhost)
+            return resp.status == 200
+    except Exception:
+        return False
+
+
+def use_local_prefect_server() -> str | None:
+    """Report to ``lancet ui``'s Prefect server when it is running (else Prefect's temporary one)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    url = f"http://{HOST}:{PREFECT_PORT}/api"
+    if _prefect_server_up(url):
+        os.environ["PREFECT_API_URL"] = url
+        return url
+    return None
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def print_summary(summary: dict[str, Any], cfg: LancetConfig) -> None:
+    before, after = summary.get("before") or {}, summary.get("after") or {}
+    table = Table(title=f"LANCET {escape(cfg.name)}: before / after", title_justify="left")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("change", justify="right")
+    for key in ("unsafe_rate_seen", "unsafe_rate_unseen", "unsafe_rate", "utility", "distinct2"):
+        b, a = before.get(key), after.get(key)
+        change = f"{a - b:+.3f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) else ""
+        table.add_row(key, _fmt(b), _fmt(a), change)
+    console.print(table)
+    inf = summary.get("influence") or {}
+    if inf:
+        console.print(f"influence [bold]{escape(str(inf.get('method')))}[/]: recall@k {_fmt(inf.get('recall_at_k'))}, "
+                      f"AUROC {_fmt(inf.get('auroc'))}, {inf.get('n_queries')} queries")
+    timings = summary.get("timings_s") or {}
+    if timings:
+        cached = summary.get("cached") or {}
+        console.print("stages: " + ", ".join(
+            f"{escape(k)} {v:.1f}s{' (cached)' if cached.get(k) else ''}" for k, v in timings.items())
+            + f"; wall {summary.get('wall_s', 0):.1f}s")
+    verdict = "[bold green]promoted to champion[/]" if summary.get("promoted") else "[bold yellow]not promoted[/]"
+    if summary.get("nothing_to_correct"):
+        verdict = "[bold green]nothing to correct[/]"
+    console.print(f"{verdict}: {escape(str(summary.get('reason', '')))}")
+    reg = summary.get("registered_model")
+    if reg:
+        console.print(f"registered: models:/{escape(reg['name'])}/{reg['version']} (alias {reg['alias']})")
+    console.print(f"summary: {escape(str(summary.get('summary_path', '')))}")
+    if summary.get("mlflow_run_id"):
+        console.print(f"browse: [bold]lancet ui[/] then MLflow run {escape(str(summary.get('mlflow_run_url')))}"
+                      f" and Prefect http://{HOST}:{PREFECT_PORT}; HTML report: "
+                      f"[bold]lancet report {summary['mlflow_run_id']}[/]")
+
+
+# ------------------------------------------------------------------------------ run / compare / serve
+@app.command()
+def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Run the correction flow (data, model, probe, influence, correction, evaluation, registry)."""
+    cfg = load(config, set_)
+    server = use_local_prefect_server()
+    if server:
+        console.print(f"reporting to the Prefect server at {escape(server)}")
+    from flows.correction import lancet_correction, with_runner
+
+    try:
+        summary = with_runner(lancet_correction, cfg)(config=cfg)
+    except ConfigError as err:
+        fail(str(err), code=2)
+    except Exception as err:  # Prefect has logged the traceback already
+        fail(f"the run failed: {type(err).__name__}: {err}")
+    print_summary(summary, cfg)
+
+
+def _compare_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_correction.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("lancet_compare_correction", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def _flow_ranking(cfg: LancetConfig) -> Path | None:
+    """The ranking `lancet run` made for this config, if it belongs to the current model."""
+    from lancet_core.storage import read_manifest
+
+    scores_dir, model_dir = cfg.run_dir() / "scores", cfg.run_dir() / "model"
+    scores, model = read_manifest(scores_dir), read_manifest(model_dir)
+    if not scores or not model or not (scores_dir / "scores.parquet").is_file():
+        return None
+    checksum = (model.get("outputs") or {}).get("checksum")
+    return scores_dir / "scores.parquet" if checksum and (scores.get("inputs") or {}).get("model") == checksum else None
+
+
+@app.command()
+def compare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+            methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: all)."),
+            ranking: str = typer.Option("auto", help="auto (the ranking of `lancet run` when it matches the "
+                                                     "model, else project) | project | oracle | a scores parquet"),
+            recommended: bool = typer.Option(False, help="Apply the recommended correction settings first."),
+            out: Optional[Path] = typer.Option(None, help="Output folder (default <run dir>/compare).")) -> None:
+    """IBO and every baseline on the same contaminated model and ranking, as one table."""
+    cfg = load(config, set_)
+    module = _compare_module()
+    if module is None or not hasattr(module, "compare"):
+        fail("benchmarks/compare_correction.py (compare(cfg, ...)) is not available in this checkout")
+    if recommended:
+        from lancet_core.correction import RECOMMENDED_CORRECTION
+
+        cfg = load(config, [f"correction.{k}={v}" for k, v in RECOMMENDED_CORRECTION.items()] + list(set_ or []))
+    if ranking == "auto":
+        found = _flow_ranking(cfg)
+        ranking = str(found) if found else "project"
+    console.print(f"ranking: {escape(ranking)}")
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    try:
+        df = module.compare(cfg, chosen, ranking, out, progress=True)
+    except ConfigError as err:
+        fail(str(err), code=2)
+    except (ValueError, RuntimeError) as err:
+        fail(str(err))
+    shown = [c for c in getattr(module, "SHOW", df.columns) if c in df.columns]
+    _print_compare(df[shown])
+    for name, ok in (df.attrs.get("targets") or {}).items():
+        console.print(f"[{'green' if ok else 'red'}]{'pass' if ok else 'miss'}[/] {escape(name)}")
+    if df.attrs.get("out_dir"):
+        console.print(f"written to {escape(df.attrs['out_dir'])}")
+
+
+def _print_compare(df) -> None:
+    """Methods as columns, metrics as rows (a handful of methods, many metrics)."""
+    table = Table(title="Correction methods on the same model and ranking", title_justify="left")
+    table.add_column("metric")
+    methods = [str(m) for m in df["method"]] if "method" in df.columns else [str(i) for i in df.index]
+    for m in methods:
+        table.add_column(escape(m), justify="right")
+    for col in [c for c in df.columns if c != "method"]:
+        values = [v.item() if hasattr(v, "item") else v for v in df[col].tolist()]
+        table.add_row(escape(str(col)), *[escape(_fmt(v)) for v in values])
+    console.print(table)
+
+
+def deployments(cfg: LancetConfig) -> list:
+    """The two deployments of prefect.yaml, built in Python for ``serve``."""
+    from flows.correction import lancet_correction
+    from flows.realignment import scheduled_realignment
+
+    params = {"config": cfg.model_dump(mode="json")}
+    return [
+        lancet_correction.to_deployment(name="lancet-correction", parameters=params, tags=["lancet"],
+                                        description="Run by hand or from the UI form (the config is the form)."),
+        scheduled_realignment.to_deployment(name="lancet-realignment", parameters=params, tags=["lancet"],
+                                            cron=cfg.orchestration.cron,
+                                            description="Probe the champion; correct it when it drifts unsafe."),
+    ]
+
+
+@app.command()
+def serve(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Serve both flows from this process (flow.serve); the realignment runs on ``orchestration.cron``."""
+    cfg = load(config, set_)
+    server = use_local_prefect_server()
+    if not server:
+        console.print("[yellow]no Prefect server found on 127.0.0.1:4200: start one with `lancet ui` "
+                      "(or set PREFECT_API_URL) to see and trigger the deployments[/]")
+    from prefect import serve as prefect_serve
+
+    console.print(f"serving lancet-correction and lancet-realignment (cron {escape(cfg.orchestration.cron)})")
+    prefect_serve(*deployments(cfg))
+
+
+# ------------------------------------------------------------------------------ ui
+def ui_commands(tracking_uri: str, host: str = HOST, mlflow_port: int = MLFLOW_PORT,
+                prefect_port: int = PREFECT_PORT) -> list[tuple[str, list[str], dict[str, str]]]:
+    mlflow_env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return [
+        ("MLflow", [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
+                    "--host", host, "--port", str(mlflow_port), "--workers", "1"], mlflow_env),
+        ("Prefect", [sys.executable, "-m", "prefect", "server", "start", "--host", host,
+                     "--port", str(prefect_port)], {}),
+    ]
+
+
+@app.command()
+def ui(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+       tracking_uri: Optional[str] = typer.Option(None, help="MLflow backend (default: the config's)."),
+       mlflow_port: int = MLFLOW_PORT, prefect_port: int = PREFECT_PORT,
+       dry_run: bool = typer.Option(False, "--dry-run", help="Print the commands only.")) -> None:
+    """Start the MLflow UI and a Prefect server on 127.0.0.1 (Ctrl-C stops both)."""
+    cfg = load(config, set_)
+    uri = tracking_uri or cfg.tracking.tracking_uri
+    cmds = ui_commands(uri, HOST, mlflow_port, prefect_port)
+    if dry_run:
+        for name, cmd, extra in cmds:
+            console.print(f"{name}: {' '.join(f'{k}={v}' for k, v in extra.items())} {escape(' '.join(cmd))}")
+        return
+    import signal
+
+    def _stop(signum, frame):  # SIGTERM/SIGHUP: stop the servers too, as Ctrl-C does
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            signal.signal(sig, _stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
+    procs: list[tuple[str, subprocess.Popen]] = []
+    try:
+        for name, cmd, extra in cmds:
+            procs.append((name, subprocess.Popen(cmd, env={**os.environ, **extra})))
+        console.print(f"MLflow UI:  http://{HOST}:{mlflow_port}   (tracking {escape(uri)})")
+        console.print(f"Prefect UI: http://{HOST}:{prefect_port}")
+        api = f"http://{HOST}:{prefect_port}/api"
+        if prefect_port == PREFECT_PORT:
+            console.print(f"`lancet run` reports to this Prefect server while it runs ({api}). Ctrl-C stops both.")
+        else:
+            console.print(f"for `lancet run` to report here: export PREFECT_API_URL={api}. Ctrl-C stops both.")
+        while True:
+            for name, proc in procs:
+                if proc.poll() is not None:
+                    fail(f"the {name} server exited with code {proc.returncode}")
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        console.print("stopping...")
+    finally:
+        for _, proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for _, proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+# ------------------------------------------------------------------------------ report / inspect
+def _latest_run_id(output_dir: str) -> str | None:
+    path = Path(output_dir) / "latest" / "summary.json"
+    if path.is_file():
+        return json.loads(path.read_text()).get("mlflow_run_id")
+    return None
+
+
+@app.command()
+def report(run_id: str = typer.Argument(..., help="MLflow run id of a flow run ('latest' for the last one)."),
+           config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+           tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: the config's)."),
+           output: Optional[Path] = typer.Option(None, "--output", "-o", help="HTML file to write.")) -> None:
+    """Write a self-contained HTML report (metrics, top influential samples, plots) of a run."""
+    cfg = load(config, set_)
+    if run_id == "latest":
+        run_id = _latest_run_id(cfg.output_dir) or ""
+        if not run_id:
+            fail(f"no {cfg.output_dir}/latest/summary.json with an MLflow run id: run `lancet run` first")
+    from lancet_cli.report import build_report
+
+    out = output or Path(cfg.output_dir) / "reports" / f"{run_id}.html"
+    try:
+        path = build_report(run_id, tracking_uri or cfg.tracking.tracking_uri, out)
+    except Exception as err:  # MlflowException for an unknown run id, mostly
+        fail(f"could not build the report for run {run_id}: {err}")
+    console.print(f"report: {escape(str(path))}")
+
+
+class InspectError(RuntimeError):
+    """The single-query view cannot be built (missing stage outputs, unknown query id)."""
+
+
+def _text_col(df, name: str):
+    for col in (name, f"{name}_preview"):
+        if col in df.columns:
+            return df[col]
+    return None
+
+
+def query_view(cfg: LancetConfig, query: str | None, top: int = 10, recompute: bool = False) -> dict[str, Any]:
+    """Training samples that cause (score > 0) and inhibit (score < 0) one unsafe output.
+
+    Reads ``<run_dir>/scores/scores.parquet`` when it was built in single mode (one ``q_<id>``
+    column per query); otherwise scores that one query again with the fitted factors.
+    """
+    import pandas as pd
+
+    run_dir = cfg.run_dir()
+    qpath = run_dir / "queries" / "queries.parquet"
+    if not qpath.is_file():
+        raise InspectError(f"no query set at {qpath}: run `lancet run` with this config first")
+    queries = pd.read_parquet(qpath)
+    if query is None:
+        return {"queries": queries.head(200).to_dict("records")}
+    match = queries[queries["query_id"].astype(str) == str(query)]
+    if match.empty and str(query).isdigit() and int(query) < len(queries):
+        match = queries.iloc[[int(query)]]
+    if match.empty:
+        raise InspectError(f"unknown query id {query!r}; run `lancet inspect` without --query to list them")
+    q = match.iloc[0].to_dict()
+    qid = str(q["query_id"])
+    train = pd.read_parquet(run_dir / "data" / "train.parquet")
+    scores_path = run_dir / "scores" / "scores.parquet"
+    scores = pd.read_parquet(scores_path) if scores_path.is_file() else None
+    col = f"q_{qid}"
+    if scores is not None and col in scores.columns and not recompute:
+        per = pd.DataFrame({"sample_id": scores["sample_id"].astype(str), "score": scores[col].astype(float)})
+        source = f"single-mode ranking {scores_path}"
+    else:
+        per = _rescore_query(cfg, q, train)
+        source = f"recomputed with the {cfg.influence.method} factors in {run_dir / 'factors'}"
+    text = train.assign(sample_id=train["sample_id"].astype(str)).set_index("sample_id")
+    per = per.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+    per["rank"] = range(1, len(per) + 1)
+    per = per.join(text[[c for c in ("prompt", "response", "planted") if c in text.columns]], on="sample_id")
+    positive = per[per["score"] > 0].head(top)
+    negative = per[per["score"] < 0].tail(top).iloc[::-1]
+    return {"query": {k: (v if not hasattr(v, "tolist") else v.tolist()) for k, v in q.items()}, "source": source,
+            "positive": positive.to_dict("records"), "negative": negative.to_dict("records")}
+
+
+def _rescore_query(cfg: LancetConfig, q: dict[str, Any], train) -> Any:
+    import pandas as pd
+
+    from lancet_core.influence import InfluenceData, get_estimator
+    from lancet_core.stages.model import load_trained
+
+    run_dir = cfg.run_dir()
+    model_dir = run_dir / "model" / "hf"
+    if not model_dir.is_dir():
+        raise InspectError(f"no model at {model_dir}: run `lancet run` with this config first")
+    est = get_estimator(cfg.influence)
+    if est.needs_fit:
+        fit_dir = run_dir / "factors"
+        candidates = [fit_dir / "estimator", fit_dir]
+        loadable = next((d for d in candidates if d.is_dir() and any(d.glob("*.safetensors"))), None)
+        if loadable is None:
+            raise InspectError(f"no fitted factors under {fit_dir}: run `lancet run` with this config first")
+        est.load(loadable)
+    model, tokenizer = load_trained(model_dir, cfg)
+    ids = train["sample_id"].astype(str).tolist()
+    train_data = InfluenceData.from_texts(tokenizer, ids, train["prompt"].tolist(), train["response"].tolist(),
+                                          cfg.model.max_length)
+    qdata = InfluenceData.from_texts(tokenizer, [str(q["query_id"])], [str(q["prompt"])], [str(q["response"])],
+                                     cfg.model.max_length)
+    matrix = est.score(model, qdata, train_data, progress=True)
+    row = matrix[0].detach().cpu().double().numpy() if hasattr(matrix, "detach") else matrix[0]
+    return pd.DataFrame({"sample_id": ids, "score": row})
+
+
+@app.command()
+def inspect(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+            query: Optional[str] = typer.Option(None, "--query", "-q", help="Query id (see the list without it)."),
+            top: int = typer.Option(10, help="Samples to show on each side."),
+            recompute: bool = typer.Option(False, help="Score this query again even if the ranking has it.")) -> None:
+    """Single-query view: the training samples that cause one unsafe output, and those that inhibit it."""
+    cfg = load(config, set_)
+    try:
+        view = query_view(cfg, query, top=top, recompute=recompute)
+    except InspectError as err:
+        fail(str(err))
+    if view.get("queries") is not None:
+        t = Table(title="Influence queries (pass one with --query)", title_justify="left")
+        for col in ("query_id", "n_merged", "prompt", "response"):
+            t.add_column(col)
+        for row in view["queries"]:
+            t.add_row(*[escape(_fmt(row.get(c))) for c in ("query_id", "n_merged", "prompt", "response")])
+        console.print(t)
+        return
+    q = view["query"]
+    console.print(f"[bold]query {escape(str(q['query_id']))}[/] ({escape(view['source'])})")
+    console.print(f"  prompt:   {escape(str(q.get('prompt')))}\n  response: {escape(str(q.get('response')))}")
+    cols = ("rank", "sample_id", "score", "planted", "prompt", "response")
+    for title, rows in (("causes it (score > 0)", view["positive"]), ("inhibits it (score < 0)", view["negative"])):
+        t = Table(title=title, title_justify="left")
+        for col in cols:
+            t.add_column(col, justify="right" if col in ("rank", "score") else "left")
+        for row in rows:
+            t.add_row(*[escape(_fmt(row.get(c))) for c in cols])
+        console.print(t)
+
+
+# ------------------------------------------------------------------------------ config
+@config_app.command("show")
+def config_show(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Print the resolved configuration (defaults + file + overrides; secrets redacted)."""
+    cfg = load(config, set_)
+    console.print(cfg.to_yaml(), markup=False, highlight=False, end="")
+
+
+@config_app.command("validate")
+def config_validate(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Check a configuration; exit code 2 with the field path when a value is invalid."""
+    cfg = load(config, set_)
+    console.print(f"ok: {escape(str(config or '(defaults)'))} is a valid configuration (name {escape(cfg.name)})")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,9 @@
+"""Prefect tasks around ``lancet_core`` stages, MLflow tracking, registry and artifacts.
+
+Modules: ``stages`` (one task per stage), ``tracking`` (thread-safe MLflow helpers),
+``registry`` (model registry and promotion gate), ``artifacts`` (Prefect artifacts and
+summary.json), ``plots`` (matplotlib figures). Importing this package applies the offline
+defaults of :mod:`lancet_cli.env` before prefect or mlflow is imported.
+"""
+
+import lancet_cli.env  # noqa: F401

@@ -1,0 +1,433 @@
+"""One Prefect task per LANCET stage: thin wrappers around ``lancet_core.stages``.
+
+Each task
+
+* has a ``version`` (bump it when what the task returns or logs changes);
+* is cached by a key built from *content* only: the dataset digest, the checkpoint
+  checksum, the hash of the config sub-trees the stage reads, the upstream stage keys, the
+  task version and the hash of the stage's source file. Never from a model object;
+* persists its (small, JSON) result; the flow points result storage at
+  ``<run_dir>/.prefect-results`` so the cache lives and dies with the run's outputs;
+* retries when it does I/O that can fail transiently (datasets, MLflow, the registry) and
+  has a timeout when it is heavy (training, influence, correction, generation);
+* logs what it made into an MLflow *child* run of the flow's parent run.
+
+A task returns a *payload* dict: ``stage, version, path, outputs, cached, seconds, wall_s,
+key, mlflow_run_id``. ``key`` is the content key of the stage's outputs (its manifest's
+inputs key and file checksums), which downstream cache keys use. Flows pass payloads
+(ids, paths, URIs), never models.
+
+Even when Prefect's cache misses (a new result store, a crash before the result was
+persisted), the stage functions skip finished work whose inputs match, so a re-run after a
+crash resumes at the first unfinished stage.
+"""
+
+from __future__ import annotations
+
+import lancet_cli.env  # noqa: F401  (offline defaults before prefect/mlflow)
+
+import hashlib
+import importlib.util
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+from prefect import task
+
+from lancet_core.config import LancetConfig
+from lancet_core.storage import read_manifest
+from tasks import tracking
+
+log = logging.getLogger(__name__)
+
+#: Task versions (part of every cache key). Bump one when its payload or logging changes.
+VERSIONS: dict[str, str] = {
+    "data": "1", "model": "1", "probe": "1", "queries": "1", "fit": "1", "rank": "1",
+    "correct": "1", "evaluate": "1",
+}
+
+#: Seconds before a heavy task is cancelled (generous: CPU runs of real models are slow).
+TIMEOUTS: dict[str, int] = {
+    "data": 3600, "model": 6 * 3600, "probe": 3 * 3600, "queries": 3600, "fit": 6 * 3600,
+    "rank": 6 * 3600, "correct": 6 * 3600, "evaluate": 3 * 3600,
+}
+
+#: Config sub-trees each stage reads (over-inclusion only costs a Prefect cache miss,
+#: after which the stage's own skip-when-finished check still applies).
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "data": ("data",),
+    "model": ("model", "training"),
+    "probe": ("generation", "detector", "evaluation", "model.trust_remote_code", "model.dtype", "model.device"),
+    "queries": ("queries", "detector"),
+    "fit": ("influence", "model"),
+    "rank": ("influence", "queries", "model"),
+    "correct": ("correction", "influence", "model", "training", "generation"),
+    "evaluate": ("generation", "detector", "evaluation", "model.trust_remote_code", "model.dtype", "model.device"),
+}
+
+_STAGE_MODULE = {
+    "data": "lancet_core.stages.data", "model": "lancet_core.stages.model", "probe": "lancet_core.stages.probe",
+    "evaluate": "lancet_core.stages.probe", "queries": "lancet_core.stages.influence",
+    "fit": "lancet_core.stages.influence", "rank": "lancet_core.stages.influence",
+    "correct": "lancet_core.stages.correction",
+}
+
+TOP_N_TABLE = 200
+
+
+# ------------------------------------------------------------------------------ keys
+def _sha(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _source_hash(module: str) -> str:
+    """Content hash of a stage's source file, so editing a stage invalidates Prefect's cache."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return "missing"
+    if spec is None or not spec.origin or not Path(spec.origin).is_file():
+        return "missing"
+    return hashlib.sha256(Path(spec.origin).read_bytes()).hexdigest()[:16]
+
+
+def output_key(stage_dir: str | Path) -> str:
+    """Content key of a finished stage: its manifest's inputs key and file checksums."""
+    manifest = read_manifest(stage_dir) or {}
+    return _sha({"inputs_key": manifest.get("inputs_key"), "files": manifest.get("files", {})})
+
+
+def stage_cache_key(stage: str, cfg: LancetConfig, **content: Any) -> str:
+    """The Prefect cache key of a stage: task version, config sub-trees, upstream content keys."""
+    parts = {
+        "task": stage,
+        "version": VERSIONS[stage],
+        "config": cfg.section_hash(*SECTIONS[stage]),
+        "seed": cfg.seed,
+        "run_dir": str(cfg.run_dir().resolve()),
+        "code": _source_hash(_STAGE_MODULE[stage]),
+        **{k: v for k, v in content.items()},
+    }
+    return f"lancet-{stage}-v{VERSIONS[stage]}-{_sha(parts)}"
+
+
+def _key_fn(stage: str, *content_params: str, extra: dict[str, Any] | None = None) -> Callable:
+    """``cache_key_fn(context, parameters)`` reading only content keys from the parameters."""
+
+    def cache_key(context: Any, parameters: dict[str, Any]) -> str:
+        cfg = parameters["cfg"]
+        content = {name: parameters.get(name) for name in content_params}
+        return stage_cache_key(stage, cfg, **content, **(extra or {}))
+
+    cache_key.__name__ = f"{stage}_cache_key"
+    return cache_key
+
+
+# ------------------------------------------------------------------------------ payloads
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None if np.isnan(value) else float(value)
+    return value
+
+
+def _payload(stage: str, res: Any, started: float, run: tracking.RunLogger) -> dict[str, Any]:
+    path = Path(res.path).resolve()
+    outputs = _jsonable(dict(res.outputs))
+    if "model_dir" in outputs and outputs["model_dir"]:
+        outputs["model_dir"] = str(Path(outputs["model_dir"]).resolve())
+    return {
+        "stage": stage, "version": VERSIONS[stage], "path": str(path), "outputs": outputs,
+        "cached": bool(res.cached), "prefect_cached": False, "seconds": float(res.seconds or 0.0),
+        "wall_s": round(time.time() - started, 3), "key": output_key(path), "mlflow_run_id": run.run_id,
+    }
+
+
+def _common_tags(res: Any) -> dict[str, Any]:
+    return {"lancet.cached": str(bool(res.cached)).lower(), "lancet.stage_dir": str(Path(res.path).resolve())}
+
+
+def _stage_opts(stage: str, **kw: Any) -> dict[str, Any]:
+    opts = dict(name=f"lancet-{stage}", version=VERSIONS[stage], persist_result=True,
+                result_serializer="json", timeout_seconds=TIMEOUTS[stage])
+    opts.update(kw)
+    return opts
+
+
+# ------------------------------------------------------------------------------ tasks
+@task(**_stage_opts("data", retries=2, retry_delay_seconds=5), cache_key_fn=_key_fn("data"))
+def load_data(cfg: LancetConfig, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Stage 1: the training table, held-out samples, probes and eval sets (retried: may download)."""
+    from lancet_core.stages.data import data_stage, load_tables, table_digest
+
+    started = time.time()
+    with tracking.child_run(cfg, parent_run_id, "data", VERSIONS["data"]) as run:
+        res = data_stage(cfg)
+        run.tags({**_common_tags(res), "lancet.data_digest": res["digest"], "lancet.data_source": cfg.data.source})
+        run.metrics({k: v for k, v in res.outputs.items() if k != "digest"})
+        if run.enabled:
+            tables = load_tables(res.path)
+            contexts = {"train": "training", "heldout": "validation", "probes": "probe",
+                        "qa_eval": "evaluation", "howto_eval": "evaluation"}
+            for name, df in tables.items():
+                if len(df) == 0:
+                    continue
+                digest = res["digest"] if name == "train" else table_digest(df)
+                run.dataset(df, name=f"{cfg.name}/{name}", source=str(Path(res.path).resolve() / f"{name}.parquet"),
+                            digest=digest, context=contexts[name])
+        return _payload("data", res, started, run)
+
+
+@task(**_stage_opts("model"), cache_key_fn=_key_fn("model", "data_digest"))
+def train_model(cfg: LancetConfig, data_dir: str, data_digest: str, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Stage 2: fine-tune (or load) the contaminated model; logs the HF checkpoint folder."""
+    from lancet_core.stages.data import load_tables
+    from lancet_core.stages.model import model_stage
+
+    started = time.time()
+    with tracking.child_run(cfg, parent_run_id, "model", VERSIONS["model"]) as run:
+        res = model_stage(cfg, data_dir, data_digest)
+        run.tags({**_common_tags(res), "lancet.checksum": res["checksum"], "lancet.data_digest": data_digest,
+                  "lancet.base_model": cfg.model.name_or_path or "embedded-tiny-llama"})
+        run.metrics({k: v for k, v in res.outputs.items() if k not in ("checksum", "model_dir")})
+        if run.enabled:
+            train = load_tables(data_dir)["train"]
+            run.dataset(train, name=f"{cfg.name}/train", source=str(Path(data_dir).resolve() / "train.parquet"),
+                        digest=data_digest, context="training")
+            run.artifacts(res["model_dir"], "checkpoints/contaminated")
+        return _payload("model", res, started, run)
+
+
+def _log_probe(run: tracking.RunLogger, res: Any, table_name: str) -> None:
+    run.metrics(res.outputs.get("metrics", {}))
+    run.metrics({k: v for k, v in res.outputs.items() if k != "metrics"})
+    if not run.enabled:
+        return
+    unsafe_path = Path(res.path) / "unsafe.parquet"
+    if unsafe_path.exists():
+        unsafe = pd.read_parquet(unsafe_path)
+        run.table(unsafe, f"tables/{table_name}.json")
+    gens = Path(res.path) / "generations.parquet"
+    if gens.exists():
+        run.artifact(gens, "generations")
+
+
+@task(**_stage_opts("probe"), task_run_name="detect-unsafe[{name}]",
+      cache_key_fn=_key_fn("probe", "data_digest", "model_checksum", "name"))
+def detect_unsafe(cfg: LancetConfig, data_dir: str, data_digest: str, model_dir: str, model_checksum: str,
+                  name: str = "probe", parent_run_id: str | None = None) -> dict[str, Any]:
+    """Stage 3: generate on the probe prompts and grade them; the unsafe outputs table."""
+    from lancet_core.stages.probe import probe_stage
+
+    started = time.time()
+    with tracking.child_run(cfg, parent_run_id, name, VERSIONS["probe"],
+                            {"lancet.checksum": model_checksum}) as run:
+        res = probe_stage(cfg, data_dir, model_dir, model_checksum, data_digest, name=name)
+        run.tags(_common_tags(res))
+        _log_probe(run, res, "unsafe_outputs")
+        return _payload("probe", res, started, run)
+
+
+@task(**_stage_opts("queries"), cache_key_fn=_key_fn("queries", "probe_key"))
+def build_queries(cfg: LancetConfig, probe_dir: str, probe_key: str, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Stage 4: the influence query set (deduplicated unsafe outputs); may say nothing to correct."""
+    from lancet_core.stages.influence import queries_stage
+
+    started = time.time()
+    with tracking.child_run(cfg, parent_run_id, "queries", VERSIONS["queries"]) as run:
+        res = queries_stage(cfg, probe_dir, probe_key)
+        run.tags({**_common_tags(res), "lancet.nothing_to_correct": str(bool(res.outputs.get("nothing_to_correct")))})
+        run.metrics(res.outputs)
+        qpath = Path(res.path) / "queries.parquet"
+        if run.enabled and qpath.exists():
+            run.table(pd.read_parquet(qpath), "tables/query_set.json")
+        return _payload("queries", res, started, run)
+
+
+@task(**_stage_opts("fit"), cache_key_fn=_key_fn("fit", "data_digest", "model_checksum"))
+def fit_influence(cfg: LancetConfig, data_dir: str, data_digest: str, model_dir: str, model_checksum: str,
+                  parent_run_id: str | None = None) -> dict[str, Any]:
+    """Stage 5: fit the curvature factors (LinFAC by default); logs the safetensors and manifest."""
+    from lancet_core.stages.influence import fit_stage
+
+    started = time.time()
+    with tracking.child_run(cfg, parent_run_id, "fit", VERSIONS["fit"], {"lancet.checksum": model_checksum}) as run:
+        res = fit_stage(cfg, data_dir, data_digest, model_dir, model_checksum)
+        run.tags({**_common_tags(res), "lancet.method": res.outputs.get("method", cfg.influence.method)})
+        run.metrics(res.outputs)
+        if run.enabled and Path(res.path).is_dir():  # estimators without factors (tfidf) write none
+            run.artifacts(res.path, "factors")
+        return _payload("fit", res, started, run)
+
+
+def _query_matrix(cfg: LancetConfig, rank_dir: Path, top: pd.DataFrame, model_dir: str, fit_dir: str,
+                  queries_dir: str, train: pd.DataFrame) -> tuple[np.ndarray, list[str], list[str], str] | None:
+    """Per-query scores of the top samples.
+
+    Single mode keeps one ``q_<id>`` column per query in the scores table; batch mode keeps
+    only the aggregate, so the top samples are scored again against every query with the
+    fitted factors (cheap: a few dozen training gradients). Falls back to each sample's
+    aggregate score at its top query when that is not possible.
+    """
+    ids = top["sample_id"].astype(str).tolist()
+    qcols = [c for c in top.columns if str(c).startswith("q_")]
+    if qcols:
+        return top[qcols].to_numpy(float).T, [str(c)[2:] for c in qcols], ids, "per-query z-scores"
+    try:
+        return _rescore_top(cfg, ids, model_dir, fit_dir, queries_dir, train)
+    except Exception as err:  # a plot must never fail the stage
+        log.warning("heatmap: could not rescore the top samples per query (%s); using top queries", err)
+    if "top_query" not in top.columns or top["top_query"].isna().all():
+        return None
+    queries = sorted(top["top_query"].dropna().astype(str).unique())
+    mat = np.zeros((len(queries), len(ids)))
+    for j, (q, sc) in enumerate(zip(top["top_query"].astype(str), top["score"].astype(float))):
+        if q in queries:
+            mat[queries.index(q), j] = sc
+    return mat, queries, ids, "aggregate score at each sample's top query"
+
+
+def _rescore_top(cfg: LancetConfig, ids: list[str], model_dir: str, fit_dir: str, queries_dir: str,
+                 train: pd.DataFrame) -> tuple[np.ndarray, list[str], list[str], str]:
+    from lancet_core.influence import InfluenceData, get_estimator
+    from lancet_core.influence.scores import ESTIMATOR_SUBDIR
+    from lancet_core.stages.model import load_trained
+
+    est = get_estimator(cfg.influence)
+    if est.needs_fit:
+        sub = Path(fit_dir) / ESTIMATOR_SUBDIR
+        est.load(sub if sub.is_dir() else Path(fit_dir))
+    model, tokenizer = load_trained(model_dir, cfg)
+    queries = pd.read_parquet(Path(queries_dir) / "queries.parquet")
+    by_id = train.assign(sample_id=train["sample_id"].astype(str)).set_index("sample_id").loc[ids]
+    tdata = InfluenceData.from_texts(tokenizer, ids, by_id["prompt"].tolist(), by_id["response"].tolist(),
+                                     cfg.model.max_length)
+    qdata = InfluenceData.from_texts(tokenizer, queries["query_id"].astype(str).tolist(),
+                                     queries["prompt"].tolist(), queries["response"].tolist(), cfg.model.max_length)
+    matrix = est.score(model, qdata, tdata, progress=False)
+    matrix = matrix.detach().cpu().double().numpy() if hasattr(matrix, "detach") else np.asarray(matrix, float)
+    # Each query's row divided by its largest |score| (sign kept), so one large-norm query does not dominate.
+    scale = np.abs(matrix).max(axis=1, keepdims=True)
+    matrix = np.divide(matrix, scale, out=np.zeros_like(matrix), where=scale > 0)
+    return matrix, queries["query_id"].astype(str).tolist(), ids, "per-query scores / row max |score|"
+
+
+@task(**_stage_opts("rank"), cache_key_fn=_key_fn("rank", "data_digest", "model_checksum", "fit_key", "queries_key"))
+def rank_training_data(cfg: LancetConfig, data_dir: str, data_digest: str, model_dir: str, model_checksum: str,
+                       fit_dir: str, fit_key: str, queries_dir: str, queries_key: str,
+                       parent_run_id: str | None = None) -> dict[str, Any]:
+    """Stage 6: score every training sample against the queries; logs the ranking, tables and plots."""
+    from lancet_core.stages.influence import rank_stage
+    from tasks import plots
+
+    started = time.time()
+    with tracking.child_run(cfg, parent_run_id, "rank", VERSIONS["rank"], {"lancet.checksum": model_checksum}) as run:
+        res = rank_stage(cfg, data_dir, data_digest, model_dir, model_checksum, fit_dir, queries_dir)
+        run.tags({**_common_tags(res), "lancet.method": cfg.influence.method, "lancet.query_mode": cfg.queries.mode})
+        run.metrics(res.outputs)
+        scores_path = Path(res.path) / "scores.parquet"
+        if run.enabled and scores_path.exists():
+            scores = pd.read_parquet(scores_path)
+            train = pd.read_parquet(Path(data_dir) / "train.parquet")
+            order = with_text(scores, train).sort_values("score", ascending=False, kind="stable")
+            run.table(_table_columns(order.head(TOP_N_TABLE)), "tables/influence_top.json")
+            run.table(_table_columns(order.tail(TOP_N_TABLE).iloc[::-1]), "tables/influence_bottom.json")
+            run.artifact(scores_path, "ranking")
+            run.figure(plots.influence_histogram(scores), "plots/influence_histogram.png")
+            top = order.drop_duplicates("sample_id").head(40)
+            mat = _query_matrix(cfg, Path(res.path), top, model_dir, fit_dir, queries_dir, train)
+            if mat is not None and mat[0].size:
+                m, qlab, slab, what = mat
+                if len(qlab) > 40:  # keep the queries these samples influence most
+                    keep = np.sort(np.argsort(-np.nan_to_num(np.abs(m)).sum(axis=1))[:40])
+                    m, qlab = m[keep], [qlab[i] for i in keep]
+                run.figure(plots.query_sample_heatmap(m, qlab, slab, f"Influence ({what}): queries x top samples"),
+                           "plots/query_sample_heatmap.png")
+        return _payload("rank", res, started, run)
+
+
+@task(**_stage_opts("correct"), cache_key_fn=_key_fn("correct", "data_digest", "model_checksum", "rank_key"))
+def correct_model(cfg: LancetConfig, data_dir: str, data_digest: str, model_dir: str, model_checksum: str,
+                  rank_dir: str, rank_key: str, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Stage 7: correct the model from the ranking (IBO by default); logs the corrected checkpoint."""
+    from lancet_core.stages.correction import correct_stage
+
+    started = time.time()
+    with tracking.child_run(cfg, parent_run_id, "correct", VERSIONS["correct"],
+                            {"lancet.source_checksum": model_checksum}) as run:
+        res = correct_stage(cfg, data_dir, data_digest, model_dir, model_checksum, rank_dir)
+        run.tags({**_common_tags(res), "lancet.checksum": res.outputs.get("checksum"),
+                  "lancet.method": res.outputs.get("method", cfg.correction.method),
+                  "lancet.stopped_reason": res.outputs.get("stopped_reason")})
+        run.metrics({k: v for k, v in res.outputs.items() if k not in ("checksum", "model_dir")})
+        if run.enabled and res.outputs.get("model_dir") and Path(res.outputs["model_dir"]).is_dir():
+            run.artifacts(res.outputs["model_dir"], "checkpoints/corrected")
+        history = Path(res.path) / "history.parquet"
+        if run.enabled and history.exists():
+            run.artifact(history, "correction")
+            _log_history(run, pd.read_parquet(history))
+        return _payload("correct", res, started, run)
+
+
+@task(**_stage_opts("evaluate"), task_run_name="evaluate[{name}]",
+      cache_key_fn=_key_fn("evaluate", "data_digest", "model_checksum", "name"))
+def evaluate_model(cfg: LancetConfig, data_dir: str, data_digest: str, model_dir: str, model_checksum: str,
+                   before: dict[str, Any] | None = None, name: str = "evaluate",
+                   parent_run_id: str | None = None) -> dict[str, Any]:
+    """Stage 8: the same behaviour probe on the corrected model (the *after* column)."""
+    from lancet_core.stages.probe import probe_stage
+    from tasks import plots
+
+    started = time.time()
+    with tracking.child_run(cfg, parent_run_id, name, VERSIONS["evaluate"], {"lancet.checksum": model_checksum}) as run:
+        res = probe_stage(cfg, data_dir, model_dir, model_checksum, data_digest, name=name)
+        run.tags(_common_tags(res))
+        _log_probe(run, res, "unsafe_outputs_after")
+        if before:
+            run.metrics(before, prefix="before.")
+            run.figure(plots.harm_vs_utility({"before": before, "after": res.outputs.get("metrics", {})}),
+                       "plots/harm_vs_utility.png")
+        return _payload("evaluate", res, started, run)
+
+
+def _log_history(run: tracking.RunLogger, history: pd.DataFrame) -> None:
+    """Per-step training curves of the correction (loss, guard metrics) as MLflow metric series."""
+    if history.empty:
+        return
+    step_col = next((c for c in ("step", "global_step", "epoch") if c in history.columns), None)
+    rows = []
+    for i, row in history.reset_index(drop=True).iterrows():
+        step = int(row[step_col]) if step_col and pd.notna(row[step_col]) else int(i)
+        rows.append((step, {k: v for k, v in row.items() if k != step_col}))
+    run.metric_steps(rows, prefix="history.")
+
+
+def with_text(scores: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
+    """The ranking with each sample's full prompt and response (the table keeps previews)."""
+    if {"prompt", "response"} <= set(scores.columns):
+        return scores
+    text = train[["sample_id", "prompt", "response"]].assign(sample_id=train["sample_id"].astype(str))
+    out = scores.assign(sample_id=scores["sample_id"].astype(str)).merge(text, on="sample_id", how="left")
+    return out.drop(columns=[c for c in ("prompt_preview", "response_preview") if c in out.columns])
+
+
+def _table_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Drop the per-query columns of single mode from the logged tables (they are in the parquet)."""
+    return df[[c for c in df.columns if not str(c).startswith("q_")]]
+
+
+STAGE_TASKS = {
+    "data": load_data, "model": train_model, "probe": detect_unsafe, "queries": build_queries,
+    "fit": fit_influence, "rank": rank_training_data, "correct": correct_model, "evaluate": evaluate_model,
+}

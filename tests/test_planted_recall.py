@@ -1,0 +1,123 @@
+"""Do the estimators find the planted samples behind the contaminated model's unsafe answers?
+
+Queries: the model's greedy answers to the planted-category probes that the rule detector
+flags. Every training sample is ranked by linfac, ekfac, identity and tfidf.
+
+Two ground truths:
+* *reproduced*: planted samples whose fixed response the model says verbatim in some query.
+  They are the causes of these outputs; linfac and ekfac must rank them first.
+* *all planted* (K = number planted, the headline). The world gives each planted category
+  one fixed response; with one response per topic the model mixed them, and a planted
+  sample whose answer the model did not reproduce *lowers* the probability of the outputs,
+  so a correct estimator put it at the bottom (measured: recall@40 = 0.25).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from lancet_core.config import InfluenceConfig
+from lancet_core.influence.metrics import auroc, random_recall_at_k, recall_at_k, reproduced_mask
+from lancet_core.influence.scores import run_ranking
+from lancet_core.queries import build_queries
+
+pytestmark = pytest.mark.slow
+
+# Time budget (~1 min beyond training on 2 idle cores): factors are fitted on 500 samples and
+# at most 16 queries are scored (the cap keeps the most merged, then spreads over the probes);
+# every one of the 2,000 training samples is still scored.
+FIT_SAMPLES = 500
+MAX_QUERIES = 16
+
+
+@pytest.fixture(scope="module")
+def queries(trained_world):
+    from lancet_core.detection import RuleDetector
+    from lancet_core.models.generation import generate
+
+    world, cfg = trained_world["world"], trained_world["cfg"]
+    probes = world.probes[world.probes["planted_category"]].reset_index(drop=True)
+    responses = generate(trained_world["model"], trained_world["tokenizer"], list(probes["prompt"]), cfg.generation)
+    probs = RuleDetector(cfg.detector.threshold).score(list(probes["prompt"]), responses)
+    unsafe = probes.assign(response=responses, unsafe_prob=probs)[probs >= cfg.detector.threshold]
+    return build_queries(unsafe, cfg.queries.model_copy(update={"max_queries": MAX_QUERIES}))
+
+
+@pytest.fixture(scope="module")
+def ranked(trained_world, queries, tmp_path_factory):
+    """method -> (scores aligned with world.train, seconds); computed once per method."""
+    cache: dict = {}
+    train = trained_world["world"].train
+
+    def get(method: str):
+        if method not in cache:
+            cfg = InfluenceConfig(method=method, fit_samples=FIT_SAMPLES)
+            started = time.perf_counter()
+            res = run_ranking(trained_world["model"], trained_world["tokenizer"], train, queries, cfg,
+                              tmp_path_factory.mktemp(method), max_length=trained_world["cfg"].model.max_length,
+                              progress=False)
+            score = res.table.set_index("sample_id")["score"].reindex(train["sample_id"]).to_numpy()
+            cache[method] = (score, time.perf_counter() - started)
+            print(f"{method}: {cache[method][1]:.1f}s {res.metrics}")
+        return cache[method]
+
+    return get
+
+
+def _truth(trained_world, queries):
+    train = trained_world["world"].train
+    return train["planted"].to_numpy(bool), reproduced_mask(train, queries.table["response"])
+
+
+def test_the_contaminated_model_is_flagged_on_planted_probes(queries, trained_world):
+    n_probes = int(trained_world["world"].probes["planted_category"].sum())
+    assert not queries.is_empty
+    assert queries.n_input >= 0.5 * n_probes  # most planted-category probes answered unsafely
+    assert len(queries) == min(MAX_QUERIES, queries.n_input)
+
+
+@pytest.mark.parametrize("method", ["linfac", "ekfac"])
+def test_curvature_methods_rank_the_reproduced_planted_samples_first(method, ranked, trained_world, queries):
+    planted, reproduced = _truth(trained_world, queries)
+    assert reproduced.sum() >= 5, "the model reproduces no planted response: nothing to attribute"
+    score, _ = ranked(method)
+    assert recall_at_k(score, reproduced) >= 0.9
+    assert auroc(score, reproduced) >= 0.95
+    # Everything in the top K is planted (no benign sample outranks a cause).
+    assert planted[np.argsort(-score, kind="stable")[: reproduced.sum()]].all()
+
+
+@pytest.mark.parametrize("method", ["linfac", "ekfac"])
+def test_curvature_methods_find_all_planted_samples(method, ranked, trained_world, queries):
+    planted, reproduced = _truth(trained_world, queries)
+    score, _ = ranked(method)
+    recall, area = recall_at_k(score, planted), auroc(score, planted)
+    assert recall >= 0.9
+    assert area >= 0.95
+
+
+def test_identity_is_no_better_than_linfac(ranked, trained_world, queries):
+    _, reproduced = _truth(trained_world, queries)
+    linfac, _ = ranked("linfac")
+    identity, _ = ranked("identity")
+    k = int(reproduced.sum())
+    assert recall_at_k(identity, reproduced, k) <= recall_at_k(linfac, reproduced, k)
+    assert auroc(identity, reproduced) <= auroc(linfac, reproduced) + 1e-9
+
+
+def test_tfidf_and_random_baselines(ranked, trained_world, queries):
+    planted, reproduced = _truth(trained_world, queries)
+    n, k = len(planted), int(planted.sum())
+    tfidf, _ = ranked("tfidf")
+    print(f"tfidf: recall@{k}={recall_at_k(tfidf, planted):.3f} (reproduced: "
+          f"{recall_at_k(tfidf, reproduced):.3f}), AUROC={auroc(tfidf, planted):.3f}")
+    # A random ranking's recall@K averages K/N.
+    rng = np.random.default_rng(0)
+    draws = [recall_at_k(rng.permutation(n).astype(float), planted) for _ in range(300)]
+    assert random_recall_at_k(n, k) == pytest.approx(k / n)
+    assert np.mean(draws) == pytest.approx(k / n, abs=0.01)
+    linfac, _ = ranked("linfac")
+    assert recall_at_k(linfac, reproduced) > 10 * np.mean(draws)
