@@ -23,6 +23,7 @@ category, kind) when they are known.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ LABEL_COLUMNS = ["planted", "family", "category", "kind"]
 SCORES_FILE = "scores.parquet"
 QUERIES_FILE = "queries.parquet"
 ESTIMATOR_SUBDIR = "estimator"
+FACTOR_STATS_FILE = "factor_stats.json"
 PREVIEW_CHARS = 80
 # Fields of InfluenceConfig that change neither the factors nor the scores.
 _SELECTION_ONLY = {"top_k_positive", "top_k_negative"}
@@ -208,23 +210,64 @@ class RankingResult:
         return select_sets(self.table, cfg.top_k_positive, cfg.top_k_negative)
 
 
-def _fit_or_load(est: InfluenceEstimator, model, train_data: InfluenceData, factors_dir: Path,
-                 inputs: dict) -> tuple[bool, float]:
-    """Load complete factors for the same inputs, or fit and save them. Returns (reused, seconds)."""
-    # The estimator's own files (it may write a stage of its own, manifest included) sit in a
-    # sub-folder, so this stage's manifest, keyed on model/data/config, never overwrites theirs.
+@dataclass
+class FittedFactors:
+    """An estimator ready to score, and where its factors came from."""
+
+    estimator: InfluenceEstimator
+    factors_dir: Path
+    reused: bool
+    seconds: float
+    factor_bytes: int
+    n_fit: int
+    inputs: dict = field(default_factory=dict)
+
+
+def _model_key(model) -> str:
+    return "none" if model is None else model_checksum(model)  # tfidf needs no model
+
+
+def factor_inputs(est: InfluenceEstimator, model, train_data: InfluenceData, cfg: InfluenceConfig,
+                  model_id: str | None = None) -> dict:
+    """The cache key of fitted factors: model checksum, training-data digest, config hash."""
+    return {"method": est.name, "model": model_id or _model_key(model), "train": data_digest(train_data),
+            "config": config_hash(cfg, _SELECTION_ONLY | _SCORING_ONLY)}
+
+
+def fit_factors(model, train_data: InfluenceData, cfg: InfluenceConfig, factors_dir: str | Path, *,
+                model_id: str | None = None, estimator: InfluenceEstimator | None = None,
+                force: bool = False) -> FittedFactors:
+    """Load factors complete for the same inputs from ``factors_dir``, or fit and save them there.
+
+    The estimator's own files (it may write a stage of its own, manifest included) sit in the
+    ``estimator/`` sub-folder, so this stage's manifest, keyed on model/data/config, never
+    overwrites theirs. Estimators with nothing to fit get a manifest-only stage.
+    """
+    est = estimator or make_estimator(cfg)
+    factors_dir = Path(factors_dir)
+    inputs = factor_inputs(est, model, train_data, cfg, model_id)
+    n_fit = min(cfg.fit_samples or len(train_data), len(train_data)) if est.needs_fit else 0
     started = time.perf_counter()
-    if is_complete(factors_dir, inputs):
+    if not force and is_complete(factors_dir, inputs):
         log.info("influence: loading %s factors from %s", est.name, factors_dir)
-        est.load(factors_dir / ESTIMATOR_SUBDIR)
-        return True, time.perf_counter() - started
-    log.info("influence: fitting %s factors on %d samples", est.name, len(train_data))
-    est.fit(model, train_data)
+        if est.needs_fit:
+            est.load(factors_dir / ESTIMATOR_SUBDIR)
+        stats_file = factors_dir / FACTOR_STATS_FILE
+        stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+        return FittedFactors(est, factors_dir, True, time.perf_counter() - started,
+                             stats.get("factor_bytes", 0), stats.get("n_fit", n_fit), inputs)
+    if est.needs_fit:
+        log.info("influence: fitting %s factors on %d samples", est.name, n_fit)
+        est.fit(model, train_data)
     fit_s = time.perf_counter() - started
     with stage_writer(factors_dir, inputs, {"method": est.name, "fit_seconds": round(fit_s, 3)}) as tmp:
-        (tmp / ESTIMATOR_SUBDIR).mkdir()
-        est.save(tmp / ESTIMATOR_SUBDIR)
-    return False, fit_s
+        sub = tmp / ESTIMATOR_SUBDIR
+        sub.mkdir()
+        if est.needs_fit:
+            est.save(sub)
+        factor_bytes = sum(f.stat().st_size for f in sub.rglob("*") if f.is_file())
+        (tmp / FACTOR_STATS_FILE).write_text(json.dumps({"factor_bytes": factor_bytes, "n_fit": n_fit}))
+    return FittedFactors(est, factors_dir, False, fit_s, factor_bytes, n_fit, inputs)
 
 
 def run_ranking(
@@ -242,6 +285,7 @@ def run_ranking(
     model_id: str | None = None,
     estimator: InfluenceEstimator | None = None,
     progress: bool = True,
+    force: bool = False,
 ) -> RankingResult | NothingToCorrect:
     """Rank every training sample by its influence on the queries; resume whatever is done.
 
@@ -250,8 +294,8 @@ def run_ranking(
     response; built into queries with ``query_cfg``). Factors go to ``factors_dir`` (default
     ``out_dir/factors``) keyed on model checksum, data digest and config hash, so a rerun
     with the same inputs loads them; the table goes to ``out_dir/scores``. ``model_id`` (e.g.
-    a model folder checksum) skips hashing the parameters. With no queries the result is a
-    :class:`NothingToCorrect`.
+    a model folder checksum) skips hashing the parameters; ``force`` recomputes both stages.
+    With no queries the result is a :class:`NothingToCorrect`.
     """
     query_cfg = query_cfg or QueryConfig()
     if isinstance(queries, QuerySet):
@@ -270,28 +314,29 @@ def run_ranking(
     train_data = InfluenceData.from_texts(tokenizer, list(train["sample_id"].astype(str)), list(train["prompt"]),
                                           list(train["response"]), max_length)
     query_data = qset.to_influence_data(tokenizer, max_length)
-    factor_inputs = {"method": est.name, "model": model_id or model_checksum(model),
-                     "train": data_digest(train_data), "config": config_hash(cfg, _SELECTION_ONLY | _SCORING_ONLY)}
-    score_inputs = {**factor_inputs, "queries": data_digest(query_data),
+    model_id = model_id or _model_key(model)  # hashed once, used by both keys
+    score_inputs = {**factor_inputs(est, model, train_data, cfg, model_id), "queries": data_digest(query_data),
                     "weights": qset.weights.tolist(), "config": config_hash(cfg, _SELECTION_ONLY),
                     "mode": query_cfg.mode, "standardize": query_cfg.standardize}
 
-    if is_complete(scores_dir, score_inputs):
+    if not force and is_complete(scores_dir, score_inputs):
         log.info("influence: scores for these inputs exist in %s; loading", scores_dir)
         manifest = read_manifest(scores_dir) or {}
         return RankingResult(load_scores(scores_dir), scores_dir, factors_dir if est.needs_fit else None,
                              manifest.get("metrics", {}), manifest.get("timings", {}),
                              reused_factors=est.needs_fit, reused_scores=True)
 
-    reused, fit_s = (_fit_or_load(est, model, train_data, factors_dir, factor_inputs) if est.needs_fit
-                     else (False, 0.0))
+    fitted = (fit_factors(model, train_data, cfg, factors_dir, model_id=model_id, estimator=est, force=force)
+              if est.needs_fit else None)  # nothing to fit: no factors folder either
     started = time.perf_counter()
     matrix = est.score(model, query_data, train_data, progress=progress)
     score_s = time.perf_counter() - started
     table = build_scores_table(matrix, train_data.ids, qset.ids, qset.weights, query_cfg.mode,
                                query_cfg.standardize, train=train, labels=labels)
     metrics = ranking_metrics(table)
-    timings = {"fit_s" if not reused else "load_s": round(fit_s, 3), "score_s": round(score_s, 3)}
+    timings = {"score_s": round(score_s, 3)}
+    if fitted is not None:
+        timings["load_s" if fitted.reused else "fit_s"] = round(fitted.seconds, 3)
     save_scores(table, scores_dir, score_inputs, qset.table,
                 {"method": est.name, "metrics": metrics, "timings": timings,
                  "n_queries": len(qset), "n_train": len(train_data)})
@@ -299,4 +344,4 @@ def run_ranking(
         log.info("influence %s: recall@%d=%.3f auroc=%.3f", est.name, metrics["k"], metrics["recall_at_k"],
                  metrics["auroc"])
     return RankingResult(table, scores_dir, factors_dir if est.needs_fit else None, metrics, timings,
-                         reused_factors=reused)
+                         reused_factors=fitted is not None and fitted.reused)
