@@ -18,6 +18,13 @@ estimator's units and sign); ``z`` (``score`` standardised across samples); ``ra
 single mode one ``q_<query_id>`` column per query (that query's z, or raw score);
 ``prompt_preview``/``response_preview``; and the ground-truth labels (planted, family,
 category, kind) when they are known.
+
+Pipeline
+--------
+``fit_factors`` (stage: ``factors/``, keyed on model checksum, training-data digest and
+config hash; the estimator's files in ``factors/estimator/``) and ``run_ranking`` (stage:
+``scores/`` with scores.parquet and queries.parquet) both reload finished work for the same
+inputs instead of recomputing it. No queries -> :class:`~lancet_core.queries.NothingToCorrect`.
 """
 
 from __future__ import annotations
