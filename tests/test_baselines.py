@@ -22,14 +22,6 @@ FAST = dict(beta=0.1, lr=1e-4, epochs=1, batch_size=8, n_pairs=16, retain_weight
 MON = dict(monitor_every=2, monitor_prompts=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def setup(trained_world):
     world, cfg = trained_world["world"], trained_world["cfg"]

@@ -15,7 +15,6 @@ from lancet_core.data.world import (HARMFUL_TOPICS, PARAPHRASE_TEMPLATES, PARAPH
 from lancet_core.detection import (AnyDetector, Detector, GuardDetector, LexiconError, MeanDetector,
                                    RuleDetector, build_detector, parse_guard_verdict)
 
-torch.set_num_threads(1)
 
 
 class Fixed(Detector):

@@ -26,8 +26,6 @@ def tiny():
     from lancet_core.models.loading import build_tiny_llama
     from lancet_core.models.tokenizer import train_tokenizer
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
     cfg = LancetConfig.model_validate({
         "data": {"world": {"n_train": 60, "n_heldout": 12}},
         "model": {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32, "vocab_size": 300,
@@ -40,7 +38,6 @@ def tiny():
     torch.manual_seed(0)
     model = build_tiny_llama(cfg.model, tok).eval()
     yield {"cfg": cfg, "world": world, "tok": tok, "model": model}
-    torch.set_num_threads(old)
 
 
 def test_kl_zero_to_itself_positive_after_change(tiny):

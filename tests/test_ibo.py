@@ -32,15 +32,6 @@ from lancet_core.correction.ibo import (
 IBO = dict(RECOMMENDED_CORRECTION, n_pairs=80)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Two threads on a shared 2-core box oversubscribe: generation gets ~20x slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # ----------------------------------------------------------------------------- losses
 def test_logistic_loss_hand_values():
     r = torch.tensor([0.3, -1.2])

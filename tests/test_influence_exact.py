@@ -30,16 +30,6 @@ from lancet_core.models.encoding import EncodedBatch
 VOCAB = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared machine spinning OpenMP
-    workers made these tests 5-8x slower: one thread for this module, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------- helpers
 def exact_fisher_pairs(rec, logits):
     """Per class c: the recorder's (a, sqrt(p_c) g_c) pairs, g_c = d log p(c) / d s (one token per row).

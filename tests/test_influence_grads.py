@@ -20,16 +20,6 @@ from lancet_core.models.encoding import EncodedBatch
 VOCAB = 48
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared machine spinning OpenMP
-    workers made these tests 5-8x slower: one thread for this module, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model(family: str, **extra) -> torch.nn.Module:
     ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     common = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,

@@ -30,16 +30,6 @@ from lancet_core.models.encoding import EncodedBatch, shifted_token_logprobs
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared machine spinning OpenMP
-    workers made these tests 5-8x slower: one thread for this module, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def kronfluence():
     # A peer installed by the Makefile (--no-deps): failing to import it is a failure, not a skip.
