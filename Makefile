@@ -35,7 +35,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/influence.py --quick
 
+# The browser test needs Debian's chromium (Playwright's own browser download cannot work offline).
 e2e: $(STAMP)
+	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m e2e
 
 clean:
