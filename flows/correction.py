@@ -274,9 +274,8 @@ def lancet_correction(config: LancetConfig = LancetConfig()) -> dict[str, Any]:
     """
     cfg = config
     started = time.time()
-    parent = tracking.start_parent_run(cfg, "lancet-correction")
-    summary = base_summary(cfg, "lancet-correction", parent)
-    try:
+    with tracking.parent_run(cfg, "lancet-correction") as parent:
+        summary = base_summary(cfg, "lancet-correction", parent)
         data = run_stage(cfg, parent, stages.load_data)
         record(summary, "data", data)
         digest = data["outputs"]["digest"]
@@ -290,10 +289,6 @@ def lancet_correction(config: LancetConfig = LancetConfig()) -> dict[str, Any]:
         correct_from(cfg, summary, data, model_ref, probe, parent)
         summary["wall_s"] = round(time.time() - started, 3)
         finish_run(cfg, parent, summary)
-    except BaseException:
-        tracking.end_run(cfg, parent, "FAILED")
-        raise
-    tracking.end_run(cfg, parent, "FINISHED")
     return summary
 
 

@@ -37,9 +37,8 @@ def realignment_config(cfg: LancetConfig) -> LancetConfig:
 def scheduled_realignment(config: LancetConfig = LancetConfig()) -> dict[str, Any]:
     cfg = realignment_config(config)
     started = time.time()
-    parent = tracking.start_parent_run(cfg, "lancet-realignment")
-    summary = base_summary(cfg, "lancet-realignment", parent)
-    try:
+    with tracking.parent_run(cfg, "lancet-realignment") as parent:
+        summary = base_summary(cfg, "lancet-realignment", parent)
         champ = registry.champion_info(cfg)
         if champ is None:
             summary["reason"] = (f"no champion registered under {cfg.tracking.registered_model!r}: "
@@ -68,10 +67,6 @@ def scheduled_realignment(config: LancetConfig = LancetConfig()) -> dict[str, An
                              baseline=before, baseline_label=f"champion v{champ['version']}")
         summary["wall_s"] = round(time.time() - started, 3)
         finish_run(cfg, parent, summary)
-    except BaseException:
-        tracking.end_run(cfg, parent, "FAILED")
-        raise
-    tracking.end_run(cfg, parent, "FINISHED")
     return summary
 
 

@@ -310,6 +310,18 @@ def end_run(cfg: LancetConfig, run_id: str | None, status: str = "FINISHED") -> 
 
 
 @contextmanager
+def parent_run(cfg: LancetConfig, flow_name: str) -> Iterator[str | None]:
+    """The flow's parent run: FINISHED when the body returns, FAILED when it raises."""
+    run_id = start_parent_run(cfg, flow_name)
+    try:
+        yield run_id
+    except BaseException:
+        end_run(cfg, run_id, "FAILED")
+        raise
+    end_run(cfg, run_id, "FINISHED")
+
+
+@contextmanager
 def child_run(cfg: LancetConfig, parent_run_id: str | None, stage: str, version: str,
               tags: dict[str, Any] | None = None) -> Iterator[RunLogger]:
     """A child run of ``parent_run_id`` for one stage; FAILED when the body raises."""
