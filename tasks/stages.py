@@ -192,7 +192,6 @@ def load_data(cfg: LancetConfig, parent_run_id: str | None = None) -> dict[str, 
 @task(**_stage_opts("model"), cache_key_fn=_key_fn("model", "data_digest"))
 def train_model(cfg: LancetConfig, data_dir: str, data_digest: str, parent_run_id: str | None = None) -> dict[str, Any]:
     """Stage 2: fine-tune (or load) the contaminated model; logs the HF checkpoint folder."""
-    from lancet_core.stages.data import load_tables
     from lancet_core.stages.model import model_stage
 
     started = time.time()
@@ -202,7 +201,7 @@ def train_model(cfg: LancetConfig, data_dir: str, data_digest: str, parent_run_i
                   "lancet.base_model": cfg.model.name_or_path or "embedded-tiny-llama"})
         run.metrics({k: v for k, v in res.outputs.items() if k not in ("checksum", "model_dir")})
         if run.enabled:
-            train = load_tables(data_dir)["train"]
+            train = pd.read_parquet(Path(data_dir) / "train.parquet")
             run.dataset(train, name=f"{cfg.name}/train", source=str(Path(data_dir).resolve() / "train.parquet"),
                         digest=data_digest, context="training")
             run.artifacts(res["model_dir"], "checkpoints/contaminated")

@@ -27,6 +27,7 @@ from lancet_core.correction.baselines import (
     run_dpo, run_filter_retrain, run_gradient_ascent, run_human_sft, run_npo, run_random_ibo,
 )
 from lancet_core.correction.ibo import bregman_loss, logistic_loss, make_pairs, run_ibo, soft_targets
+from lancet_core.influence.scores import select_sets
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +53,6 @@ __all__ = ["correct", "RECOMMENDED_CORRECTION", "select_positive_negative", "def
            "CorrectionContext", "CorrectionTrainer", "DivergenceMonitor", "METHODS", "GUARD_STOPS",
            "STOP_COMPLETED", "STOP_KL", "STOP_NON_FINITE", "STOP_UTILITY", "NOT_APPLICABLE",
            "logistic_loss", "bregman_loss", "soft_targets", "make_pairs"]
-
-
-def _select_sets(table: pd.DataFrame, k_pos: int, k_neg: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    try:
-        from lancet_core.influence.scores import select_sets
-    except ImportError:  # keep correction usable while the influence package is rebuilt
-        ranked = table.sort_values("score", ascending=False, kind="stable")
-        pos = ranked.head(k_pos)
-        rest = ranked.iloc[len(pos):]
-        return pos.reset_index(drop=True), rest.tail(min(k_neg, len(rest))).iloc[::-1].reset_index(drop=True)
-    return select_sets(table, k_pos, k_neg)
 
 
 def _with_text(ids_table: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
@@ -95,7 +85,7 @@ def select_positive_negative(train: pd.DataFrame, scores: pd.DataFrame | None, k
         return (_with_text(frame(positive_ids, 1.0), train), _with_text(frame(negative_ids, -1.0), train))
     if scores is None or not len(scores):
         raise ValueError("correct: a scores table (sample_id, score, z, rank) or explicit P/N ids is required")
-    pos, neg = _select_sets(scores, k_pos, k_neg)
+    pos, neg = select_sets(scores, k_pos, k_neg)
     return _with_text(pos, train), _with_text(neg, train)
 
 

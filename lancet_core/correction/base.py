@@ -59,9 +59,9 @@ from tqdm.auto import tqdm
 from lancet_core.config import CorrectionConfig, GenerationConfig, LancetConfig, ModelConfig, TrainingConfig
 from lancet_core.evaluation.metrics import exact_match
 from lancet_core.evaluation.reference import kl_to_reference, reference_responses
-from lancet_core.models.encoding import EncodedBatch, encode_pairs, shifted_token_logprobs
+from lancet_core.models.encoding import EncodedBatch, encode_pairs, sequence_logprob
 from lancet_core.models.generation import generate
-from lancet_core.models.sft import seed_everything
+from lancet_core.models.sft import response_nll, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -176,17 +176,11 @@ def take(batch: EncodedBatch, idx) -> EncodedBatch:
 
 def sequence_logprobs(model, batch: EncodedBatch) -> torch.Tensor:
     """``log pi(response | prompt)`` per row: sum over response tokens."""
-    device = next(model.parameters()).device
-    out = model(**batch.to(device).as_model_inputs())
-    logp, _ = shifted_token_logprobs(out.logits, batch.labels.to(device))
-    return logp.sum(-1)
+    return sequence_logprob(model, batch.to(next(model.parameters()).device))
 
 
 def mean_token_nll(model, batch: EncodedBatch) -> torch.Tensor:
-    device = next(model.parameters()).device
-    out = model(**batch.to(device).as_model_inputs())
-    logp, mask = shifted_token_logprobs(out.logits, batch.labels.to(device))
-    return -logp.sum() / mask.sum().clamp(min=1)
+    return response_nll(model, batch.to(next(model.parameters()).device))
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ def distinct_n(texts: list[str], n: int) -> float:
         grams = [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
         total += len(grams)
         unique.update(grams)
-    return unique.__len__() / total if total else 0.0
+    return len(unique) / total if total else 0.0
 
 
 def rate(flags) -> float:

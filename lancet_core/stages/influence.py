@@ -50,7 +50,7 @@ def fit_stage(cfg: LancetConfig, data_dir: str | Path, data_digest: str, model_d
 
     fit_dir = cfg.run_dir() / "factors"
     model, tokenizer = load_trained(model_dir, cfg)
-    train, data = _train_data(cfg, data_dir, tokenizer)
+    _, data = _train_data(cfg, data_dir, tokenizer)
     fitted = fit_factors(model, data, cfg.influence, fit_dir, model_id=model_checksum, force=force)
     return StageResult(str(fit_dir), {"method": cfg.influence.method, "fit_s": fitted.seconds,
                                       "factor_bytes": fitted.factor_bytes, "n_fit": fitted.n_fit},

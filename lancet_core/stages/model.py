@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from lancet_core.config import LancetConfig
 from lancet_core.models.loading import (
@@ -73,5 +72,4 @@ def load_trained(model_dir: str | Path, cfg: LancetConfig):
     model = load_model(str(model_dir), cfg.model.model_copy(update={"lora_rank": None}))
     check_tokenizer_matches(model, tokenizer)
     model.eval()
-    torch.set_grad_enabled(True)
     return model, tokenizer
