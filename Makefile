@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (LANCET needs Python 3.11)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,dask]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,dask,ray]"
 	# kronfluence is a peer for tests and benchmarks; its metadata asks for torchvision,
 	# which would drag in a CUDA torch, so it goes in without dependencies.
 	$(PY) -m pip install -q --no-deps -c constraints.txt kronfluence einconv einops opt-einsum

@@ -89,17 +89,31 @@ def run_stage(cfg: LancetConfig, parent_run_id: str | None, task_obj: Task, **kw
 def task_runner_for(cfg: LancetConfig):
     """The task runner the config asks for (thread by default; dask/ray when installed)."""
     kind = cfg.orchestration.task_runner
+    orch = cfg.orchestration
     if kind == "dask":
-        from prefect_dask import DaskTaskRunner
-
-        return DaskTaskRunner(address=cfg.orchestration.address) if cfg.orchestration.address else DaskTaskRunner()
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as err:
+            raise RuntimeError("orchestration.task_runner=dask needs `pip install lancet[dask]`") from err
+        if orch.address:
+            return DaskTaskRunner(address=orch.address)
+        # Local cluster: one thread per worker process (torch parallelises inside), dashboard on loopback.
+        kwargs = {"processes": True, "threads_per_worker": 1, "dashboard_address": "127.0.0.1:0"}
+        if orch.n_workers:
+            kwargs["n_workers"] = orch.n_workers
+        return DaskTaskRunner(cluster_kwargs=kwargs)
     if kind == "ray":
         try:
             from prefect_ray import RayTaskRunner
         except ImportError as err:
             raise RuntimeError("orchestration.task_runner=ray needs `pip install lancet[ray]`") from err
-        return RayTaskRunner(address=cfg.orchestration.address) if cfg.orchestration.address else RayTaskRunner()
-    return ThreadPoolTaskRunner(max_workers=2)
+        if orch.address:
+            return RayTaskRunner(address=orch.address)
+        init = {"include_dashboard": False, "log_to_driver": False}
+        if orch.n_workers:
+            init["num_cpus"] = orch.n_workers
+        return RayTaskRunner(init_kwargs=init)
+    return ThreadPoolTaskRunner(max_workers=max(2, orch.n_workers or 2))
 
 
 def with_runner(flow_obj: Flow, cfg: LancetConfig) -> Flow:
@@ -124,6 +138,13 @@ def attribution(cfg: LancetConfig, data: dict[str, Any], model: dict[str, Any], 
     out: dict[str, Any] = {"queries": queries}
     if queries["outputs"].get("nothing_to_correct"):
         return out
+    if cfg.orchestration.shards > 1:  # map-reduce on the task runner; fit/rank below then load and log
+        from flows.sharded import sharded_influence
+
+        run_dir = cfg.run_dir().resolve()
+        out["sharded"] = with_runner(sharded_influence, cfg)(
+            cfg, data_dir, digest, model_dir, checksum, queries["path"], str(run_dir / "factors"),
+            str(run_dir / "scores"))
     fit = out["fit"] = run_stage(cfg, parent_run_id, stages.fit_influence, data_dir=data_dir, data_digest=digest,
                                  model_dir=model_dir, model_checksum=checksum)
     rank = out["rank"] = run_stage(cfg, parent_run_id, stages.rank_training_data, data_dir=data_dir,
@@ -233,6 +254,12 @@ def correct_from(cfg: LancetConfig, summary: dict[str, Any], data: dict[str, Any
     att = with_runner(attribution, cfg)(cfg, data, model, probe, parent_run_id)
     for name in ("queries", "fit", "rank"):
         record(summary, name, att.get(name))
+    if att.get("sharded"):  # the map-reduce did the work; fit/rank only loaded and logged it
+        sh = att["sharded"]
+        summary["timings_s"].update({"fit_sharded": sh["fit_s"], "rank_sharded": sh["score_s"]})
+        summary["sharded"] = {"task_runner": cfg.orchestration.task_runner, "fit_shards": sh["plan"]["fit_shards"],
+                              "score_shards": sh["plan"]["score_shards"], "storage_uri": sh["plan"]["uri"],
+                              "shards_reused": sh["shards_reused"], "shards_total": sh["shards_total"]}
     queries = att["queries"]
     if queries["outputs"].get("nothing_to_correct") or "rank" not in att:
         summary["nothing_to_correct"] = True

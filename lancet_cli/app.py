@@ -4,6 +4,7 @@
     lancet compare --config FILE                 IBO and every baseline on the same ranking
     lancet serve [--config FILE]                 both flows as deployments, in this process
     lancet ui                                    MLflow UI (127.0.0.1:5000) + Prefect UI (127.0.0.1:4200)
+    lancet server                                the same two servers, headless, for Dask/Ray workers
     lancet report RUN_ID                         self-contained HTML report of an MLflow run
     lancet inspect --config FILE [--query ID]    the training samples behind one unsafe output
     lancet config show|validate                  the resolved configuration
@@ -136,6 +137,10 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt) 
     server = use_local_prefect_server()
     if server:
         console.print(f"reporting to the Prefect server at {escape(server)}")
+    elif cfg.orchestration.task_runner != "thread":
+        fail(f"orchestration.task_runner={cfg.orchestration.task_runner} runs tasks in worker processes, which "
+             "need a real Prefect server (Prefect's temporary server lives inside this process): start one with "
+             "`lancet server` (or `lancet ui`), or set PREFECT_API_URL", code=2)
     from flows.correction import lancet_correction, with_runner
 
     try:
@@ -264,11 +269,30 @@ def ui_commands(tracking_uri: str, host: str = HOST, mlflow_port: int = MLFLOW_P
 def ui(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
        tracking_uri: Optional[str] = typer.Option(None, help="MLflow backend (default: the config's)."),
        mlflow_port: int = MLFLOW_PORT, prefect_port: int = PREFECT_PORT,
+       host: str = typer.Option(HOST, help="Interface to bind (127.0.0.1: this machine only)."),
        dry_run: bool = typer.Option(False, "--dry-run", help="Print the commands only.")) -> None:
     """Start the MLflow UI and a Prefect server on 127.0.0.1 (Ctrl-C stops both)."""
+    _run_servers(config, set_, tracking_uri, mlflow_port, prefect_port, host, dry_run)
+
+
+@app.command()
+def server(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+           tracking_uri: Optional[str] = typer.Option(None, help="MLflow backend (default: the config's)."),
+           mlflow_port: int = MLFLOW_PORT, prefect_port: int = PREFECT_PORT,
+           host: str = typer.Option(HOST, help="Interface to bind; workers on other machines need a reachable "
+                                              "one (and a firewall: the servers have no authentication)."),
+           dry_run: bool = typer.Option(False, "--dry-run", help="Print the commands only.")) -> None:
+    """A real Prefect server and an MLflow tracking server, for Dask/Ray workers (Ctrl-C stops both).
+
+    Workers (and `lancet run`) find them through the two variables this command prints.
+    """
+    _run_servers(config, set_, tracking_uri, mlflow_port, prefect_port, host, dry_run)
+
+
+def _run_servers(config, set_, tracking_uri, mlflow_port, prefect_port, host, dry_run) -> None:
     cfg = load(config, set_)
     uri = tracking_uri or cfg.tracking.tracking_uri
-    cmds = ui_commands(uri, HOST, mlflow_port, prefect_port)
+    cmds = ui_commands(uri, host, mlflow_port, prefect_port)
     if dry_run:
         for name, cmd, extra in cmds:
             console.print(f"{name}: {' '.join(f'{k}={v}' for k, v in extra.items())} {escape(' '.join(cmd))}")
@@ -286,10 +310,12 @@ def ui(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
     try:
         for name, cmd, extra in cmds:
             procs.append((name, subprocess.Popen(cmd, env={**os.environ, **extra})))
-        console.print(f"MLflow UI:  http://{HOST}:{mlflow_port}   (tracking {escape(uri)})")
-        console.print(f"Prefect UI: http://{HOST}:{prefect_port}")
-        api = f"http://{HOST}:{prefect_port}/api"
-        if prefect_port == PREFECT_PORT:
+        console.print(f"MLflow UI:  http://{host}:{mlflow_port}   (tracking {escape(uri)})")
+        console.print(f"Prefect UI: http://{host}:{prefect_port}")
+        api = f"http://{host}:{prefect_port}/api"
+        console.print(f"for Dask/Ray workers: export PREFECT_API_URL={api} and run with "
+                      f"--set tracking.tracking_uri=http://{host}:{mlflow_port}")
+        if prefect_port == PREFECT_PORT and host == HOST:
             console.print(f"`lancet run` reports to this Prefect server while it runs ({api}). Ctrl-C stops both.")
         else:
             console.print(f"for `lancet run` to report here: export PREFECT_API_URL={api}. Ctrl-C stops both.")

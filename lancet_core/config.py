@@ -120,6 +120,9 @@ class InfluenceConfig(_Section):
     damping_factor: float = Field(0.1, gt=0)
     fit_samples: int | None = Field(None, ge=1, description="Fit factors on a random subset of this size.")
     batch_size: int = Field(64, ge=1)
+    kept_gradients_dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="LinFAC keeps the fit pass's gradients for the eigenvalue correction in this dtype "
+                                "(float32: exactly a second pass's result; bfloat16: half the memory, <1% off).")
     query_rank: int | None = Field(None, ge=1, description="Low-rank approximation of the preconditioned queries.")
     top_k_positive: int = Field(80, ge=1, description="Size of P (most harmful).")
     top_k_negative: int = Field(80, ge=1, description="Size of N (most inhibiting).")
@@ -171,8 +174,14 @@ class TrackingConfig(_Section):
 
 
 class OrchestrationConfig(_Section):
-    task_runner: Literal["thread", "dask", "ray"] = "thread"
-    address: str | None = None
+    task_runner: Literal["thread", "dask", "ray"] = Field(
+        "thread", description="Where tasks run: threads in the flow's process, a Dask cluster or a Ray cluster.")
+    address: str | None = Field(
+        None, description="Dask scheduler (tcp://host:8786) or Ray (ray://host:10001) address; None = a local cluster.")
+    n_workers: int | None = Field(None, ge=1, description="Workers of the local Dask cluster (None = Dask's default).")
+    shards: int = Field(1, ge=1, description="Split influence fitting and scoring into this many shards (1 = no split).")
+    storage_uri: str | None = Field(
+        None, description="Where shard results go (a path or fsspec URL every worker reaches); None = <run_dir>/shards.")
     realign_threshold: float = Field(0.05, ge=0, le=1.0, description="Unsafe rate above which re-alignment runs.")
     cron: str = "0 3 * * 1"
 

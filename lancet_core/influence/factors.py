@@ -94,7 +94,19 @@ def eigh64(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m = matrix.double()
     m = 0.5 * (m + m.transpose(-1, -2))
     pairs = [torch.linalg.eigh(x) for x in m]
-    return torch.stack([p[0] for p in pairs]).clamp(min=0.0), torch.stack([p[1] for p in pairs])
+    values, vectors = torch.stack([p[0] for p in pairs]).clamp(min=0.0), torch.stack([p[1] for p in pairs])
+    return values, canonical_signs(vectors)
+
+
+def canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """Flip each eigenvector so its largest-magnitude entry is positive.
+
+    Eigenvectors are defined up to sign; fixing it makes factors fitted from the same
+    covariances (one process or summed shards) comparable entry by entry.
+    """
+    idx = vectors.abs().argmax(dim=-2, keepdim=True)
+    signs = torch.sign(torch.gather(vectors, -2, idx))
+    return vectors * torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
 def resolve_damping(lam: torch.Tensor, damping: float | None, factor: float) -> torch.Tensor:
@@ -112,6 +124,13 @@ class CovarianceAccumulator:
         self.A = [torch.zeros(len(g.indices), g.cols, g.cols, dtype=torch.float64, device=device) for g in groups]
         self.S = [torch.zeros(len(g.indices), g.d_out, g.d_out, dtype=torch.float64, device=device) for g in groups]
         self.tokens = 0.0
+
+    def add_batch(self, stacked: list[tuple[torch.Tensor, torch.Tensor]], batch: EncodedBatch) -> None:
+        """One batch's ``(a, g)`` per group, and its non-padding token count."""
+        self.tokens += float(batch.attention_mask.sum())
+        for k, (a, g) in enumerate(stacked):
+            self.add_inputs(k, a)
+            self.add_output_grads(k, g)
 
     def add_inputs(self, k: int, a: torch.Tensor) -> None:
         a2 = a.flatten(1, 2)  # [n, B*T, c]; padded rows are zero
@@ -155,6 +174,10 @@ class EigenvalueAccumulator:
         else:
             self.add_gradients(k, sequence_gradients(a.float(), g.float()))
 
+    def add_stacked(self, stacked: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for k, (a, g) in enumerate(stacked):
+            self.add_tokens(k, a, g)
+
     def eigenvalues(self) -> list[torch.Tensor]:
         return [lam / max(self.sequences, 1.0) for lam in self.lam]
 
@@ -176,6 +199,10 @@ def length_sorted_batches(enc: EncodedBatch, batch_size: int) -> Iterator[tuple[
     for start in range(0, len(order), batch_size):
         pos = order[start:start + batch_size]
         yield pos, trim_padding(EncodedBatch(enc.input_ids[pos], enc.attention_mask[pos], enc.labels[pos]))
+
+
+def _rows_of(enc: EncodedBatch, rows: torch.Tensor) -> EncodedBatch:
+    return EncodedBatch(enc.input_ids[rows], enc.attention_mask[rows], enc.labels[rows])
 
 
 def contract_scores(query, a: torch.Tensor, g: torch.Tensor, route: str | None = None) -> torch.Tensor:
@@ -227,13 +254,14 @@ class KroneckerEstimator(InfluenceEstimator):
     reuse_fit_gradients: ClassVar[bool] = False
     #: Memory allowed for kept per-sequence gradients; sequences beyond it get a second pass.
     store_budget_bytes: ClassVar[int] = 512 << 20
-    #: Kept gradients are stored in bfloat16: half the memory, so twice the sequences skip the
-    #: second pass. Rounding (2^-8 relative) moves Lambda* far less than the damping floor
-    #: (0.1 x mean) or the label sampling does; the projection itself runs in float32.
-    store_dtype: ClassVar[torch.dtype] = torch.bfloat16
+    #: Kept gradients are stored in ``cfg.kept_gradients_dtype`` (default bfloat16: half the
+    #: memory, so twice the sequences skip the second pass). Rounding (2^-8 relative) moves
+    #: Lambda* far less than the damping floor (0.1 x mean) or the label sampling does; the
+    #: projection itself runs in float32. float32 reproduces a second pass (and a sharded fit).
 
     def __init__(self, cfg=None):
         super().__init__(cfg)
+        self.store_dtype = getattr(torch, self.cfg.kept_gradients_dtype)
         self.factors: list[GroupFactors] | None = None
         self.map_names: list[str] | None = None
         self.groups: list[MapGroup] | None = None
@@ -248,15 +276,20 @@ class KroneckerEstimator(InfluenceEstimator):
     def _device(model) -> torch.device:
         return next(model.parameters()).device
 
-    def _fisher_objective(self, logits, labels, generator):
+    def _fisher_objective(self, logits, labels, rows: torch.Tensor):
         if self.cfg.fisher == "empirical":
             return response_logprob(logits, labels)
-        return sampled_logprob(logits, labels, generator)
+        return sampled_logprob(logits, labels, row_seeds=self.row_seeds(rows))
 
-    def _fit_rows(self, n: int) -> torch.Tensor | None:
+    def row_seeds(self, rows: torch.Tensor) -> torch.Tensor:
+        """Label-sampling seed of each training row: the same draw whatever batch, shard or worker."""
+        return self.cfg.seed * 1_000_000_007 + rows.long()
+
+    def fit_rows(self, n: int) -> torch.Tensor:
+        """Training rows the factors are fitted on: all, or a seeded subset of ``fit_samples``."""
         k = self.cfg.fit_samples
         if k is None or k >= n:
-            return None
+            return torch.arange(n)
         return torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed))[:k].sort().values
 
     def _bind(self, model) -> list[TrackedMap]:
@@ -271,38 +304,52 @@ class KroneckerEstimator(InfluenceEstimator):
             )
         return maps
 
+    def _passes(self, model, maps, enc: EncodedBatch, rows: torch.Tensor, desc: str | None = None):
+        """``(positions, batch size, stacked (a, g) per group)`` for each batch of one Fisher pass."""
+        device = self._device(model)
+        with ActivationRecorder(model, maps) as rec:
+            total = math.ceil(len(enc) / self.cfg.batch_size)
+            for pos, batch in tqdm(length_sorted_batches(enc, self.cfg.batch_size), total=total,
+                                   disable=desc is None, desc=desc):
+                batch = batch.to(device)
+                pairs = rec.gradients(self._fisher_objective(rec.forward(batch), batch.labels, rows[pos]))
+                yield pos, batch, [grp.stack(pairs) for grp in self.groups]
+
     # -- fit ------------------------------------------------------------------------------
-    def fit(self, model, train: InfluenceData) -> None:
+    def fit(self, model, train: InfluenceData, progress: bool = False) -> None:
+        """Single-process fit: covariances, eigenbases, eigenvalues (one pass when gradients are kept)."""
         self.map_names = None
         maps = self._bind(model)
         device = self._device(model)
-        rows = self._fit_rows(len(train))
-        enc = train.encoded if rows is None else train.subset(rows).encoded
-        gen = torch.Generator(device=device).manual_seed(self.cfg.seed)
+        rows = self.fit_rows(len(train))
+        enc = train.subset(rows).encoded
         cov = CovarianceAccumulator(self.groups, device)
         keep = self.eigenvalue_correction and self.reuse_fit_gradients
         kept: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in self.groups]
         kept_bytes, n_kept, second_pass = 0, 0, []
-        with ActivationRecorder(model, maps) as rec:
-            for pos, batch in length_sorted_batches(enc, self.cfg.batch_size):
-                batch = batch.to(device)
-                pairs = rec.gradients(self._fisher_objective(rec.forward(batch), batch.labels, gen))
-                cov.tokens += float(batch.attention_mask.sum())
-                stacked = [grp.stack(pairs) for grp in self.groups]
+        for pos, batch, stacked in self._passes(model, maps, enc, rows, f"{self.name} factors" if progress else None):
+            cov.add_batch(stacked, batch)
+            batch_bytes = sum(self._kept_size(a, g) for a, g in stacked) * self.store_dtype.itemsize
+            if keep and kept_bytes + batch_bytes <= self.store_budget_bytes:
                 for k, (a, g) in enumerate(stacked):
-                    cov.add_inputs(k, a)
-                    cov.add_output_grads(k, g)
-                batch_bytes = sum(self._kept_size(a, g) for a, g in stacked) * self.store_dtype.itemsize
-                if keep and kept_bytes + batch_bytes <= self.store_budget_bytes:
-                    for k, (a, g) in enumerate(stacked):
-                        kept[k].append(self._keep(a, g))
-                    kept_bytes += batch_bytes
-                    n_kept += len(pos)
-                else:
-                    second_pass.append(pos)
+                    kept[k].append(self._keep(a, g))
+                kept_bytes += batch_bytes
+                n_kept += len(pos)
+            else:
+                second_pass.append(pos)
         eig = cov.eigenbases()
         if self.eigenvalue_correction:
-            lam = self._corrected_eigenvalues(model, maps, enc, eig, kept, second_pass, gen, device)
+            acc = EigenvalueAccumulator(self.groups, eig, device)
+            for k, chunks in enumerate(kept):
+                for item in chunks:
+                    acc.add_tokens(k, *item) if len(item) == 2 else acc.add_gradients(k, item[0])
+                chunks.clear()
+            if second_pass:
+                sub = torch.cat(second_pass)
+                for _, _, stacked in self._passes(model, maps, _rows_of(enc, sub), rows[sub]):
+                    acc.add_stacked(stacked)
+            acc.sequences = len(enc)
+            lam = acc.eigenvalues()
         else:
             lam = kfac_eigenvalues(eig)
         self.factors = build_factors(eig, lam, self.cfg.damping, self.cfg.damping_factor)
@@ -325,26 +372,57 @@ class KroneckerEstimator(InfluenceEstimator):
             return a.to(self.store_dtype), g.to(self.store_dtype)
         return (sequence_gradients(a, g).to(self.store_dtype),)
 
-    def _corrected_eigenvalues(self, model, maps, enc, eig, kept, second_pass, gen, device):
-        acc = EigenvalueAccumulator(self.groups, eig, device)
-        for k, chunks in enumerate(kept):
-            for item in chunks:
-                if len(item) == 2:
-                    acc.add_tokens(k, *item)
-                else:
-                    acc.add_gradients(k, item[0])
-            chunks.clear()
-        if second_pass:
-            rows = torch.cat(second_pass)
-            sub = EncodedBatch(enc.input_ids[rows], enc.attention_mask[rows], enc.labels[rows])
-            with ActivationRecorder(model, maps) as rec:
-                for _, batch in length_sorted_batches(sub, self.cfg.batch_size):
-                    batch = batch.to(device)
-                    pairs = rec.gradients(self._fisher_objective(rec.forward(batch), batch.labels, gen))
-                    for k, grp in enumerate(self.groups):
-                        acc.add_tokens(k, *grp.stack(pairs))
-        acc.sequences = len(enc)
-        return acc.eigenvalues()
+    # -- fit as map-reduce over shards (see lancet_core/influence/sharding.py) -------------
+    # Each statistic is a plain sum over sequences, so per-shard sums add up to one pass's.
+    def covariance_statistics(self, model, train: InfluenceData, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Map step 1: ``sum a a^T``, ``sum g g^T`` and the token count over training ``rows``."""
+        maps = self._bind(model)
+        cov = CovarianceAccumulator(self.groups, self._device(model))
+        for _, batch, stacked in self._passes(model, maps, train.subset(rows).encoded, rows):
+            cov.add_batch(stacked, batch)
+        out = {f"group{k}.A": A.cpu() for k, A in enumerate(cov.A)}
+        out.update({f"group{k}.S": S.cpu() for k, S in enumerate(cov.S)})
+        out["tokens"] = torch.tensor(cov.tokens, dtype=torch.float64)
+        out["sequences"] = torch.tensor(float(len(rows)), dtype=torch.float64)
+        return out
+
+    def eigenbases_from(self, cov_stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Reduce step 1: eigenbases of the summed covariances (the tensors every shard needs next)."""
+        n = max(float(cov_stats["tokens"]), 1.0)
+        out = {"tokens": cov_stats["tokens"], "sequences": cov_stats["sequences"]}
+        for k in range(len(self.groups)):
+            (lA, QA), (lS, QS) = eigh64(cov_stats[f"group{k}.A"] / n), eigh64(cov_stats[f"group{k}.S"] / n)
+            out.update({f"group{k}.lA": lA, f"group{k}.QA": QA, f"group{k}.lS": lS, f"group{k}.QS": QS})
+        return out
+
+    def _eig_list(self, bases: dict[str, torch.Tensor]):
+        return [((bases[f"group{k}.lA"], bases[f"group{k}.QA"]), (bases[f"group{k}.lS"], bases[f"group{k}.QS"]))
+                for k in range(len(self.groups))]
+
+    def eigenvalue_statistics(self, model, train: InfluenceData, rows: torch.Tensor,
+                              bases: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Map step 2: ``sum_seq (Q_S^T G Q_A)^2`` over training ``rows`` in the shared eigenbases."""
+        maps = self._bind(model)
+        device = self._device(model)
+        acc = EigenvalueAccumulator(self.groups, [((l.to(device), Q.to(device)), (m.to(device), P.to(device)))
+                                                  for (l, Q), (m, P) in self._eig_list(bases)], device)
+        for _, _, stacked in self._passes(model, maps, train.subset(rows).encoded, rows):
+            acc.add_stacked(stacked)
+        out = {f"group{k}.lam": lam.cpu() for k, lam in enumerate(acc.lam)}
+        out["sequences"] = torch.tensor(float(len(rows)), dtype=torch.float64)
+        return out
+
+    def finish_fit(self, bases: dict[str, torch.Tensor], lam_stats: dict[str, torch.Tensor] | None) -> None:
+        """Reduce step 2: the factors from the eigenbases and the summed eigenvalue statistics."""
+        eig = self._eig_list(bases)
+        self.n_fit = int(bases["sequences"])
+        if self.eigenvalue_correction:
+            n = max(float(lam_stats["sequences"]), 1.0)
+            lam = [lam_stats[f"group{k}.lam"] / n for k in range(len(self.groups))]
+        else:
+            lam = kfac_eigenvalues(eig)
+        self.factors = build_factors(eig, lam, self.cfg.damping, self.cfg.damping_factor)
+        self.stats = {"fit_sequences": self.n_fit, "fit_tokens": float(bases["tokens"]), "sharded": True}
 
     # -- scoring --------------------------------------------------------------------------
     def precondition(self, k: int, V: torch.Tensor) -> torch.Tensor:
@@ -363,18 +441,28 @@ class KroneckerEstimator(InfluenceEstimator):
                     out[k][:, pos.to(device)] = sequence_gradients(*grp.stack(pairs))
         return out
 
-    def score(self, model, queries: InfluenceData, train: InfluenceData, progress: bool = False) -> torch.Tensor:
+    def _check_fitted(self) -> None:
         if self.needs_fit and self.factors is None:
             raise RuntimeError(f"{self.name}: call fit() or load() before score()")
+
+    def prepare_queries(self, model, queries: InfluenceData) -> list:
+        """Preconditioned query gradients per group (dense, or ``(L, R)`` with ``query_rank``)."""
+        self._check_fitted()
         maps = self._bind(model)
-        device = self._device(model)
         if self.factors is not None:
-            self.factors = [f.to(device) for f in self.factors]
+            self.factors = [f.to(self._device(model)) for f in self.factors]
         prepared = []
         for k, G in enumerate(self.query_gradients(model, queries, maps)):
             M = self.precondition(k, G)
             prepared.append(low_rank(M, self.cfg.query_rank) if self.cfg.query_rank else M)
-        scores = torch.zeros(len(queries), len(train), device=device)
+        return prepared
+
+    def score_prepared(self, model, prepared: list, train: InfluenceData, progress: bool = False) -> torch.Tensor:
+        """``[n_queries, n_train]`` scores of prepared queries: one forward/backward per training batch."""
+        maps = self._bind(model)
+        device = self._device(model)
+        n_queries = (prepared[0] if isinstance(prepared[0], torch.Tensor) else prepared[0][0]).shape[1]
+        scores = torch.zeros(n_queries, len(train), device=device)
         batches = length_sorted_batches(train.encoded, self.cfg.batch_size)
         total = math.ceil(len(train) / self.cfg.batch_size)
         with ActivationRecorder(model, maps) as rec:
@@ -384,6 +472,9 @@ class KroneckerEstimator(InfluenceEstimator):
                 part = sum(contract_scores(prepared[k], *grp.stack(pairs)) for k, grp in enumerate(self.groups))
                 scores[:, pos.to(device)] = part
         return scores.cpu()
+
+    def score(self, model, queries: InfluenceData, train: InfluenceData, progress: bool = False) -> torch.Tensor:
+        return self.score_prepared(model, self.prepare_queries(model, queries), train, progress)
 
     # -- persistence ----------------------------------------------------------------------
     def _manifest_extra(self) -> dict:

@@ -151,21 +151,31 @@ def response_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return logp.sum()
 
 
-def sampled_logprob(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def sampled_logprob(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None,
+                    row_seeds: torch.Tensor | None = None) -> torch.Tensor:
     """Log-likelihood of labels sampled from the model at response positions (true Fisher / GGN).
 
     ``E_y[grad log p(y) grad log p(y)^T]`` with ``y ~ p_model`` is the Gauss-Newton matrix of
     the cross-entropy, so covariances of these gradients estimate the GGN, not the empirical Fisher.
+
+    With ``row_seeds`` (one int per row) each sequence draws its labels from its own generator,
+    so the draw depends on the sequence, not on which batch, shard or worker it lands in: a
+    sharded fit then samples exactly the labels a single-process fit does.
     """
     mask = labels[:, 1:] != -100
     logp_all = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = logp_all[mask]  # [n_response_tokens, V]
+    picked = logp_all[mask]  # [n_response_tokens, V], row-major: row 0's tokens first
     if picked.shape[0] == 0:
         return logp_all.sum() * 0.0  # no response token: zero gradient, graph kept
     with torch.no_grad():  # inverse-CDF sampling: the same draw as torch.multinomial, ~8x faster on CPU
         cdf = picked.exp().cumsum(-1)
-        u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
-        y = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)
+        if row_seeds is None:
+            u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)
+        else:
+            counts = mask.sum(1).tolist()
+            u = torch.cat([torch.rand(n, 1, generator=torch.Generator().manual_seed(int(s)))
+                           for n, s in zip(counts, row_seeds.tolist())]).to(cdf.device)
+        y = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)
     return picked.gather(-1, y).sum()
 
 

@@ -267,7 +267,14 @@ def fit_factors(model, train_data: InfluenceData, cfg: InfluenceConfig, factors_
         log.info("influence: fitting %s factors on %d samples", est.name, n_fit)
         est.fit(model, train_data)
     fit_s = time.perf_counter() - started
-    with stage_writer(factors_dir, inputs, {"method": est.name, "fit_seconds": round(fit_s, 3)}) as tmp:
+    return save_fitted(est, factors_dir, inputs, fit_s, n_fit)
+
+
+def save_fitted(est: InfluenceEstimator, factors_dir: str | Path, inputs: dict, fit_s: float, n_fit: int,
+                extra: dict | None = None) -> FittedFactors:
+    """Write a fitted estimator as the factors stage (also the reduce step of a sharded fit)."""
+    factors_dir = Path(factors_dir)
+    with stage_writer(factors_dir, inputs, {"method": est.name, "fit_seconds": round(fit_s, 3), **(extra or {})}) as tmp:
         sub = tmp / ESTIMATOR_SUBDIR
         sub.mkdir()
         if est.needs_fit:
@@ -275,6 +282,40 @@ def fit_factors(model, train_data: InfluenceData, cfg: InfluenceConfig, factors_
         factor_bytes = sum(f.stat().st_size for f in sub.rglob("*") if f.is_file())
         (tmp / FACTOR_STATS_FILE).write_text(json.dumps({"factor_bytes": factor_bytes, "n_fit": n_fit}))
     return FittedFactors(est, factors_dir, False, fit_s, factor_bytes, n_fit, inputs)
+
+
+def load_query_set(queries: QuerySet | pd.DataFrame, query_cfg: QueryConfig) -> QuerySet:
+    """A :class:`QuerySet` from itself, a saved query table, or raw flagged generations."""
+    if isinstance(queries, QuerySet):
+        return queries
+    if {"query_id", "n_merged"} <= set(queries.columns):  # a saved query table
+        return QuerySet(queries.reset_index(drop=True), int(queries["n_merged"].sum()))
+    return build_queries(queries, query_cfg)  # raw flagged generations
+
+
+def score_inputs(est: InfluenceEstimator, model_id: str, train_data: InfluenceData, query_data: InfluenceData,
+                 qset: QuerySet, cfg: InfluenceConfig, query_cfg: QueryConfig) -> dict:
+    """The cache key of a scores stage (shared by the single-process and the sharded path)."""
+    return {**factor_inputs(est, None, train_data, cfg, model_id), "queries": data_digest(query_data),
+            "weights": qset.weights.tolist(), "config": config_hash(cfg, _SELECTION_ONLY),
+            "mode": query_cfg.mode, "standardize": query_cfg.standardize}
+
+
+def finish_ranking(est: InfluenceEstimator, matrix: torch.Tensor | np.ndarray, train: pd.DataFrame,
+                   train_data: InfluenceData, qset: QuerySet, query_cfg: QueryConfig, scores_dir: Path,
+                   inputs: dict, timings: dict, labels: pd.DataFrame | None = None,
+                   extra: dict | None = None) -> tuple[pd.DataFrame, dict]:
+    """Score matrix -> ranked table -> saved scores stage; returns ``(table, metrics)``."""
+    table = build_scores_table(matrix, train_data.ids, qset.ids, qset.weights, query_cfg.mode,
+                               query_cfg.standardize, train=train, labels=labels)
+    metrics = ranking_metrics(table)
+    save_scores(table, scores_dir, inputs, qset.table,
+                {"method": est.name, "metrics": metrics, "timings": timings,
+                 "n_queries": len(qset), "n_train": len(train_data), **(extra or {})})
+    if metrics:
+        log.info("influence %s: recall@%d=%.3f auroc=%.3f", est.name, metrics["k"], metrics["recall_at_k"],
+                 metrics["auroc"])
+    return table, metrics
 
 
 def run_ranking(
@@ -305,12 +346,7 @@ def run_ranking(
     With no queries the result is a :class:`NothingToCorrect`.
     """
     query_cfg = query_cfg or QueryConfig()
-    if isinstance(queries, QuerySet):
-        qset = queries
-    elif {"query_id", "n_merged"} <= set(queries.columns):  # a saved query table
-        qset = QuerySet(queries.reset_index(drop=True), int(queries["n_merged"].sum()))
-    else:  # raw flagged generations
-        qset = build_queries(queries, query_cfg)
+    qset = load_query_set(queries, query_cfg)
     if qset.is_empty:
         return qset.nothing_to_correct()
     out_dir = Path(out_dir)
@@ -322,11 +358,9 @@ def run_ranking(
                                           list(train["response"]), max_length)
     query_data = qset.to_influence_data(tokenizer, max_length)
     model_id = model_id or _model_key(model)  # hashed once, used by both keys
-    score_inputs = {**factor_inputs(est, model, train_data, cfg, model_id), "queries": data_digest(query_data),
-                    "weights": qset.weights.tolist(), "config": config_hash(cfg, _SELECTION_ONLY),
-                    "mode": query_cfg.mode, "standardize": query_cfg.standardize}
+    inputs = score_inputs(est, model_id, train_data, query_data, qset, cfg, query_cfg)
 
-    if not force and is_complete(scores_dir, score_inputs):
+    if not force and is_complete(scores_dir, inputs):
         log.info("influence: scores for these inputs exist in %s; loading", scores_dir)
         manifest = read_manifest(scores_dir) or {}
         return RankingResult(load_scores(scores_dir), scores_dir, factors_dir if est.needs_fit else None,
@@ -338,17 +372,10 @@ def run_ranking(
     started = time.perf_counter()
     matrix = est.score(model, query_data, train_data, progress=progress)
     score_s = time.perf_counter() - started
-    table = build_scores_table(matrix, train_data.ids, qset.ids, qset.weights, query_cfg.mode,
-                               query_cfg.standardize, train=train, labels=labels)
-    metrics = ranking_metrics(table)
     timings = {"score_s": round(score_s, 3)}
     if fitted is not None:
         timings["load_s" if fitted.reused else "fit_s"] = round(fitted.seconds, 3)
-    save_scores(table, scores_dir, score_inputs, qset.table,
-                {"method": est.name, "metrics": metrics, "timings": timings,
-                 "n_queries": len(qset), "n_train": len(train_data)})
-    if metrics:
-        log.info("influence %s: recall@%d=%.3f auroc=%.3f", est.name, metrics["k"], metrics["recall_at_k"],
-                 metrics["auroc"])
+    table, metrics = finish_ranking(est, matrix, train, train_data, qset, query_cfg, scores_dir, inputs, timings,
+                                    labels)
     return RankingResult(table, scores_dir, factors_dir if est.needs_fit else None, metrics, timings,
                          reused_factors=fitted is not None and fitted.reused)
