@@ -16,6 +16,7 @@ from __future__ import annotations
 import lancet_cli.env  # noqa: F401  (offline defaults before prefect/mlflow)
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -97,10 +98,12 @@ def task_runner_for(cfg: LancetConfig):
             raise RuntimeError("orchestration.task_runner=dask needs `pip install lancet[dask]`") from err
         if orch.address:
             return DaskTaskRunner(address=orch.address)
-        # Local cluster: one thread per worker process (torch parallelises inside), dashboard on loopback.
+        # Local cluster: worker processes with one task thread each, dashboard on loopback, and the
+        # machine's cores divided among them (torch's default of all cores per process oversubscribes).
         kwargs = {"processes": True, "threads_per_worker": 1, "dashboard_address": "127.0.0.1:0"}
         if orch.n_workers:
-            kwargs["n_workers"] = orch.n_workers
+            threads = max(1, (os.cpu_count() or 1) // orch.n_workers)
+            kwargs.update(n_workers=orch.n_workers, env={"OMP_NUM_THREADS": str(threads)})
         return DaskTaskRunner(cluster_kwargs=kwargs)
     if kind == "ray":
         try:

@@ -11,11 +11,7 @@ raises, still let the flow finish: the engine (Dask/Ray) or Prefect's retry redo
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -28,54 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ROOT / "configs" / "small.yaml"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=1) as resp:  # noqa: S310 (loopback)
-            return resp.status == 200
-    except Exception:
-        return False
-
-
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
     """`prefect server start` on 127.0.0.1 with its own home and database; workers inherit the URL."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from lancet_cli.servers import prefect_server as start
 
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": "", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 180
-    while not _healthy(url):
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"the Prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
-        time.sleep(1)
-    saved = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = url  # for Dask/Ray worker processes
-    try:
-        with temporary_settings({PREFECT_API_URL: url}):
-            yield url
-    finally:
-        if saved is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = saved
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with start(tmp_path_factory.mktemp("prefect-home")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +131,32 @@ def test_ray_equal_single_process_and_a_failed_shard_is_retried_alone(prefect_se
     # A re-run finds every shard intact in the store and redoes none.
     _, again = run_sharded(pipeline, "ray", "ray")
     assert again["shards_reused"] == again["shards_total"] == 9
+
+
+@pytest.mark.timeout(600)
+def test_main_flow_with_shards_logs_like_the_single_process_path(prefect_server, pipeline, monkeypatch):
+    """`orchestration.shards=2` in the whole flow: the map-reduce makes the factors and scores, the
+    fit and rank tasks find them finished and log them; the summary says how it was split."""
+    from flows.correction import lancet_correction
+
+    work = pipeline["work"]
+    monkeypatch.chdir(work)
+    cfg = pipeline["cfg"].model_copy(deep=True)
+    cfg.tracking.enabled = True
+    cfg.tracking.tracking_uri = f"sqlite:///{work}/mlruns.db"
+    cfg.orchestration.shards = 2
+    summary = lancet_correction(cfg)
+    assert summary["sharded"]["fit_shards"] == summary["sharded"]["score_shards"] == 2
+    assert summary["cached"]["data"] and summary["cached"]["model"]  # finished stages were reused
+    assert summary["cached"]["fit"] and summary["cached"]["rank"]  # made by the shards, loaded by the tasks
+    assert summary["influence"]["recall_at_k"] == pytest.approx(pipeline["reference"].metrics["recall_at_k"])
+    assert summary["after"] is not None
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    children = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+    stages = {r.data.tags.get("lancet.stage") for r in children}
+    assert {"fit", "rank"} <= stages
+    manifest = __import__("json").loads((cfg.run_dir() / "scores" / "manifest.json").read_text())
+    assert manifest["sharded"]["shards"] == 2
