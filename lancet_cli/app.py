@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lancet_core.config import ConfigError, LancetConfig, load_config
+from lancet_core.config import ConfigError, LancetConfig, expand_env, load_config, redact
 
 app = typer.Typer(name="lancet", help="LANCET: find the training data behind unsafe outputs and correct the model.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -134,6 +134,13 @@ def print_summary(summary: dict[str, Any], cfg: LancetConfig) -> None:
 def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Run the correction flow (data, model, probe, influence, correction, evaluation, registry)."""
     cfg = load(config, set_)
+    if cfg.tracking.enabled:  # seconds, not MLflow's minutes of retries, and before any work
+        from tasks.tracking import TrackingUnavailableError, check_tracking_uri
+
+        try:
+            check_tracking_uri(cfg.tracking.tracking_uri)
+        except (TrackingUnavailableError, ConfigError) as err:
+            fail(str(err))
     server = use_local_prefect_server()
     if server:
         console.print(f"reporting to the Prefect server at {escape(server)}")
@@ -292,10 +299,13 @@ def server(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOp
 def _run_servers(config, set_, tracking_uri, mlflow_port, prefect_port, host, dry_run) -> None:
     cfg = load(config, set_)
     uri = tracking_uri or cfg.tracking.tracking_uri
-    cmds = ui_commands(uri, host, mlflow_port, prefect_port)
+    try:
+        cmds = ui_commands(expand_env(uri, "tracking.tracking_uri"), host, mlflow_port, prefect_port)
+    except ConfigError as err:
+        fail(str(err), code=2)
     if dry_run:
         for name, cmd, extra in cmds:
-            console.print(f"{name}: {' '.join(f'{k}={v}' for k, v in extra.items())} {escape(' '.join(cmd))}")
+            console.print(f"{name}: {' '.join(f'{k}={v}' for k, v in extra.items())} {escape(redact(' '.join(cmd)))}")
         return
     import signal
 
@@ -310,7 +320,7 @@ def _run_servers(config, set_, tracking_uri, mlflow_port, prefect_port, host, dr
     try:
         for name, cmd, extra in cmds:
             procs.append((name, subprocess.Popen(cmd, env={**os.environ, **extra})))
-        console.print(f"MLflow UI:  http://{host}:{mlflow_port}   (tracking {escape(uri)})")
+        console.print(f"MLflow UI:  http://{host}:{mlflow_port}   (tracking {escape(redact(uri))})")
         console.print(f"Prefect UI: http://{host}:{prefect_port}")
         api = f"http://{host}:{prefect_port}/api"
         console.print(f"for Dask/Ray workers: export PREFECT_API_URL={api} and run with "

@@ -164,7 +164,9 @@ def collect_report_data(run_id: str, tracking_uri: str) -> dict[str, Any]:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    from lancet_core.config import expand_env
+
+    client = MlflowClient(tracking_uri=expand_env(tracking_uri, "tracking uri"))
     run = client.get_run(run_id)
     exp = client.get_experiment(run.info.experiment_id)
     children = client.search_runs([run.info.experiment_id],

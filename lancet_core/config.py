@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 
 class ConfigError(ValueError):
@@ -202,6 +203,21 @@ class LancetConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
+    @model_validator(mode="after")
+    def _shards_need_factors(self) -> "LancetConfig":
+        if self.orchestration.shards > 1 and self.influence.method not in ("linfac", "ekfac", "kfac"):
+            raise ValueError(f"orchestration.shards > 1 needs influence.method linfac, ekfac or kfac "
+                             f"(got {self.influence.method!r}, which has no factors to shard)")
+        return self
+
+    @model_serializer(mode="wrap", when_used="json")
+    def _redacted_json(self, handler) -> dict[str, Any]:
+        # JSON is how a config leaves this process (Prefect flow-run and deployment parameters,
+        # MLflow params, config.yaml, cache keys), so credentials are masked there. A run that
+        # must get a secret through JSON (a deployment) writes it as an ${ENV_VAR} placeholder,
+        # which stays as is here and is expanded where the secret is used (expand_env).
+        return redact(handler(self))
+
     def section_hash(self, *sections: str) -> str:
         """Content hash of some sub-trees (cache keys read only what a stage reads)."""
         dump = self.model_dump(mode="json")
@@ -224,17 +240,37 @@ class LancetConfig(_Section):
 _SECRET_IN_URI = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@")
 # Whole-word key endings only: `max_new_tokens` is a setting, `hf_token` is a secret.
 _SECRET_KEYS = re.compile(r"(?:^|_)(token|password|secret|api_key)$", re.IGNORECASE)
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _is_placeholder(value: Any) -> bool:
+    return isinstance(value, str) and _ENV_REF.fullmatch(value) is not None
 
 
 def redact(value: Any) -> Any:
-    """Hide credentials (``user:pass@`` in URIs, *token*/*password* keys) before a config is logged."""
+    """Hide credentials (``user:pass@`` in URIs, *token*/*password* keys) before a config is logged.
+
+    ``${ENV_VAR}`` placeholders are not secrets (the value lives in the environment) and stay.
+    """
     if isinstance(value, dict):
-        return {k: ("***" if _SECRET_KEYS.search(str(k)) and v else redact(v)) for k, v in value.items()}
+        return {k: ("***" if _SECRET_KEYS.search(str(k)) and v and not _is_placeholder(v) else redact(v))
+                for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
     if isinstance(value, str):
-        return _SECRET_IN_URI.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
+        return _SECRET_IN_URI.sub(
+            lambda m: m[0] if _is_placeholder(m["pw"]) else f"{m['scheme']}{m['user']}:***@", value)
     return value
+
+
+def expand_env(value: str, field: str = "value") -> str:
+    """Replace ``${NAME}`` with the environment variable NAME (how secrets reach a config)."""
+    def sub(m: re.Match) -> str:
+        if m[1] not in os.environ:
+            raise ConfigError(f"{field}: environment variable {m[1]} is not set (the config refers to ${{{m[1]}}})")
+        return os.environ[m[1]]
+
+    return _ENV_REF.sub(sub, value)
 
 
 def _get_dotted(tree: dict, dotted: str) -> Any:

@@ -1,13 +1,19 @@
 """Stage outputs that save, load and say whether they exist (as kronfluence's do).
 
-A stage writes into ``<dir>.tmp`` and renames it into place, and writes its manifest
+A stage writes into ``<dir>.tmp-<pid>`` and renames it into place, and writes its manifest
 (inputs, file checksums, library versions) last, so a folder without a valid manifest is
 never taken for finished work. ``is_complete`` re-checks the file checksums: a truncated or
 altered file makes the stage recompute instead of loading garbage.
+
+Faults (docs/reliability.md): a process killed mid-stage leaves only its ``.tmp-<pid>``
+folder, which the next writer of that stage deletes once that pid is gone; a full disk is
+reported as :class:`StorageFullError` naming the stage, with the partial folder removed and
+every finished stage left as it was.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -21,6 +27,11 @@ from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+_TMP_MARK = ".tmp-"
+
+
+class StorageFullError(OSError):
+    """The disk (or quota) filled up while a stage was writing; the message names the stage."""
 
 
 def file_sha256(path: str | Path) -> str:
@@ -53,7 +64,8 @@ def read_manifest(stage_dir: str | Path) -> dict | None:
         return None
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError):
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        log.warning("stage %s: its manifest is unreadable; the stage will be recomputed", path.parent)
         return None
 
 
@@ -74,13 +86,58 @@ def is_complete(stage_dir: str | Path, inputs: dict[str, Any] | None = None, ver
     return True
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temps(stage_dir: str | Path) -> list[Path]:
+    """Delete ``<stage>.tmp-<pid>`` folders whose writer process no longer exists (killed runs).
+
+    A live writer's folder is left alone: two processes may compute the same stage, and the
+    last rename wins. (Pids are only meaningful on this machine: an output folder shared by
+    writers on several machines is not supported.)
+    """
+    stage_dir = Path(stage_dir)
+    removed = []
+    if not stage_dir.parent.is_dir():
+        return removed
+    for cand in stage_dir.parent.glob(f"{stage_dir.name}{_TMP_MARK}*"):
+        pid = cand.name[len(stage_dir.name) + len(_TMP_MARK):]
+        if cand.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(cand, ignore_errors=True)
+            removed.append(cand)
+    if removed:
+        log.warning("stage %s: removed %d partial folder(s) left by a killed run", stage_dir.name, len(removed))
+    return removed
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also when a library (safetensors, pyarrow) wraps it in its own exception type."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return any(s in text for s in ("No space left on device", "StorageFull", "os error 28", "Disk quota exceeded"))
+
+
 @contextmanager
 def stage_writer(stage_dir: str | Path, inputs: dict[str, Any], extra: dict | None = None) -> Iterator[Path]:
     """Yield a temporary folder; on success, checksum its files, write the manifest, move it into place."""
     stage_dir = Path(stage_dir)
-    tmp = stage_dir.with_name(stage_dir.name + f".tmp-{os.getpid()}")
+    remove_stale_temps(stage_dir)
+    tmp = stage_dir.with_name(stage_dir.name + f"{_TMP_MARK}{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as err:
+        if is_disk_full(err):
+            raise _full(stage_dir, err) from err
+        raise
     started = time.time()
     try:
         yield tmp
@@ -101,6 +158,16 @@ def stage_writer(stage_dir: str | Path, inputs: dict[str, Any], extra: dict | No
             stage_dir.rename(backup)
         tmp.rename(stage_dir)
         shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(err) and not isinstance(err, StorageFullError):
+            raise _full(stage_dir, err) from err
         raise
+
+
+def _full(stage_dir: Path, err: BaseException) -> StorageFullError:
+    return StorageFullError(
+        errno.ENOSPC,
+        f"no space left on the device while writing stage {stage_dir.name!r} ({stage_dir}): {err}. "
+        "Its partial output was removed and finished stages are intact; free some space (or set "
+        "output_dir elsewhere) and re-run: finished stages are reused.")

@@ -23,6 +23,9 @@ import json
 import logging
 import math
 import numbers
+import os
+import re
+import socket
 import threading
 import time
 import warnings
@@ -33,7 +36,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import numpy as np
 import pandas as pd
 
-from lancet_core.config import LancetConfig, redact
+from lancet_core.config import LancetConfig, expand_env, redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,7 +59,7 @@ def _locked(fn: Callable[..., T], *args: Any, attempts: int = 4, **kwargs: Any) 
         except Exception as err:  # mlflow raises MlflowException, sqlalchemy, requests errors
             if attempt == attempts - 1 or not _transient(err):
                 raise
-            log.warning("mlflow call %s failed (%s); retrying", getattr(fn, "__name__", fn), err)
+            log.warning("mlflow call %s failed (%s); retrying", getattr(fn, "__name__", fn), redact(str(err)))
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
@@ -68,16 +71,64 @@ def _transient(err: Exception) -> bool:
 
 
 def get_client(tracking_uri: str):
-    """One :class:`MlflowClient` per tracking URI (the fluent URI is set too, for log_model)."""
+    """One :class:`MlflowClient` per tracking URI (the fluent URI is set too, for log_model).
+
+    ``${ENV_VAR}`` placeholders in the URI (credentials) are expanded here, at the last moment.
+    """
     import mlflow
     from mlflow import MlflowClient
 
+    resolved = expand_env(tracking_uri, "tracking.tracking_uri")
     with _LOCK:
         if tracking_uri not in _CLIENTS:
-            _CLIENTS[tracking_uri] = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
+            _CLIENTS[tracking_uri] = MlflowClient(tracking_uri=resolved, registry_uri=resolved)
+        mlflow.set_tracking_uri(resolved)
+        mlflow.set_registry_uri(resolved)
         return _CLIENTS[tracking_uri]
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow tracking backend cannot be reached; raised before any stage runs."""
+
+
+#: Default ports of the URI schemes MLflow backends use (a TCP connect is the reachability test).
+_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "postgres": 5432, "mysql": 3306, "mssql": 1433}
+_NETLOC = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://(?:[^@/]*@)?"  # scheme://[user:pw@]
+                     r"(?P<host>\[[^\]]+\]|[^:/?#]+)(?::(?P<port>\d+))?")  # host or [v6][:port]
+
+
+def check_tracking_uri(tracking_uri: str, timeout: float | None = None) -> None:
+    """Fail in seconds, naming the URI, when the tracking backend is unreachable.
+
+    MLflow's own client retries a refused connection with backoff for many minutes (measured:
+    more than 15 on ``http://127.0.0.1:9``) and only after the flow has started. A server
+    backend is probed with one TCP connect (``LANCET_TRACKING_TIMEOUT_S``, default 5 s); a
+    sqlite or file store needs its folder to exist.
+    """
+    timeout = float(timeout or os.environ.get("LANCET_TRACKING_TIMEOUT_S", 5.0))
+    uri = expand_env(tracking_uri, "tracking.tracking_uri")
+    shown = redact(tracking_uri)
+    hint = "fix tracking.tracking_uri (e.g. sqlite:///mlruns.db) or set tracking.enabled=false to run without MLflow"
+    if uri.startswith("sqlite:///"):  # sqlite:///rel/path.db or sqlite:////abs/path.db
+        parent = os.path.dirname(uri[len("sqlite:///"):]) or "."
+        if not os.path.isdir(parent):
+            raise TrackingUnavailableError(
+                f"MLflow tracking store {shown}: folder {parent} does not exist; expected an existing folder "
+                f"for the database file; {hint}")
+        return
+    m = _NETLOC.match(uri)
+    scheme = m["scheme"].split("+")[0].lower() if m else ""
+    if not m or scheme not in _PORTS:
+        return  # databricks, custom plugins: nothing generic to probe
+    host, port = m["host"].strip("[]"), int(m["port"] or _PORTS[scheme])
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as err:
+        reason = "timed out" if isinstance(err, socket.timeout) else (err.strerror or str(err))
+        raise TrackingUnavailableError(
+            f"MLflow tracking server {shown} is unreachable ({host}:{port}: {reason}; probe timeout {timeout:g}s); "
+            f"expected a running tracking server there: start it (e.g. `lancet ui`), {hint}") from None
 
 
 def experiment_name(cfg: LancetConfig) -> str:
@@ -111,7 +162,9 @@ def run_url(cfg: LancetConfig, run_id: str | None, experiment_id: str | None = N
     if not run_id:
         return None
     uri = cfg.tracking.tracking_uri
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    # Never print credentials: user:password@ is dropped from the link.
+    base = re.sub(r"//[^/@]*@", "//", uri.rstrip("/")) if uri.startswith(("http://", "https://")) \
+        else "http://127.0.0.1:5000"
     if experiment_id is None:
         try:
             experiment_id = _locked(get_client(uri).get_run, run_id).info.experiment_id
@@ -287,7 +340,12 @@ def save_resolved_config(cfg: LancetConfig) -> Path:
 
 
 def start_parent_run(cfg: LancetConfig, flow_name: str, extra_tags: dict[str, str] | None = None) -> str | None:
-    """Create the flow's parent run (params, resolved config, Prefect ids); returns its id."""
+    """Create the flow's parent run (params, resolved config, Prefect ids); returns its id.
+
+    An unreachable tracking backend fails here, in seconds, before any stage runs.
+    """
+    if cfg.tracking.enabled:
+        check_tracking_uri(cfg.tracking.tracking_uri)
     path = save_resolved_config(cfg)
     if not cfg.tracking.enabled:
         return None

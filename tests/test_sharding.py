@@ -133,3 +133,51 @@ def test_prepared_queries_round_trip_dense_and_low_rank():
     assert torch.equal(unpack_prepared(pack_prepared(dense))[0], dense[0])
     L, R = unpack_prepared(pack_prepared(low))[0]
     assert torch.equal(L, low[0][0]) and torch.equal(R, low[0][1])
+
+
+# ------------------------------------------------------------------------------ CLI wiring
+def test_server_command_binds_loopback_by_default():
+    from typer.testing import CliRunner
+
+    from lancet_cli.app import app
+
+    res = CliRunner().invoke(app, ["server", "--dry-run"], catch_exceptions=False)
+    assert res.exit_code == 0
+    assert res.output.count("--host 127.0.0.1") == 2  # MLflow and Prefect
+
+
+def test_dask_run_without_a_prefect_server_is_refused_before_any_work(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    import lancet_cli.app as cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setattr(cli, "use_local_prefect_server", lambda: None)  # as on a machine with none running
+    small = Path(__file__).resolve().parents[1] / "configs" / "small.yaml"
+    res = CliRunner().invoke(cli.app, ["run", "--config", str(small), "--set", "orchestration.task_runner=dask"],
+                             catch_exceptions=False)
+    assert res.exit_code == 2
+    assert "real Prefect server" in res.output and "lancet server" in res.output
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_sharded_fit_refuses_methods_without_factors(tmp_path):
+    import pandas as pd
+
+    from lancet_core.config import ConfigError, LancetConfig, load_config
+    from lancet_core.stages.sharded import plan
+
+    with pytest.raises(ConfigError, match="orchestration.shards > 1 needs influence.method"):
+        load_config(None, ["orchestration.shards=2", "influence.method=tfidf"])
+
+    pd.DataFrame({"sample_id": ["a", "b"]}).to_parquet(tmp_path / "train.parquet")
+    cfg = LancetConfig()
+    cfg.influence.method = "tfidf"
+    cfg.orchestration.shards = 2
+    with pytest.raises(ValueError, match="influence.method='tfidf' has no sharded path"):
+        plan(cfg, str(tmp_path))
+    cfg.influence.method = "linfac"
+    assert plan(cfg, str(tmp_path))["score_shards"] == 2

@@ -91,6 +91,7 @@ def eigh64(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     parallel loop and, on a busy machine, was measured 100x slower than the loop (5.5 s vs 0.05 s
     for eight 128 x 128 matrices on 2 shared cores).
     """
+    require_finite("the curvature covariances", [matrix])
     m = matrix.double()
     m = 0.5 * (m + m.transpose(-1, -2))
     pairs = [torch.linalg.eigh(x) for x in m]
@@ -107,6 +108,20 @@ def canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
     idx = vectors.abs().argmax(dim=-2, keepdim=True)
     signs = torch.sign(torch.gather(vectors, -2, idx))
     return vectors * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+class NonFiniteFactorsError(ValueError):
+    """Curvature statistics or factors hold NaN/Inf (overflowed gradients, or a damaged factors file)."""
+
+
+def require_finite(what: str, tensors) -> None:
+    """A clear error instead of a LAPACK failure deep in torch, or NaN scores ranked as if meaningful."""
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors)
+    if bad:
+        raise NonFiniteFactorsError(
+            f"influence factors: {what} hold {bad} NaN/Inf values; expected finite numbers. The model's "
+            "gradients overflowed or diverged (check the model stage's losses; model.dtype=float32 instead of "
+            "bfloat16 helps), or the factors file is damaged (delete the factors folder to refit)")
 
 
 def resolve_damping(lam: torch.Tensor, damping: float | None, factor: float) -> torch.Tensor:
@@ -188,6 +203,7 @@ def kfac_eigenvalues(eig) -> list[torch.Tensor]:
 
 
 def build_factors(eig, lam: list[torch.Tensor], damping: float | None, damping_factor: float) -> list[GroupFactors]:
+    require_finite("the curvature eigenvalues", lam)
     return [GroupFactors(eA[1].float(), eS[1].float(), l.float(), resolve_damping(l, damping, damping_factor).float())
             for (eA, eS), l in zip(eig, lam)]
 
@@ -506,5 +522,6 @@ class KroneckerEstimator(InfluenceEstimator):
         self.n_fit = manifest.get("n_fit", 0)
         self.stats = manifest.get("stats", {})
         tensors = load_file(str(path / FACTORS_FILE)) if (path / FACTORS_FILE).exists() else {}
+        require_finite(f"the factors in {path / FACTORS_FILE}", tensors.values())
         self.factors = [GroupFactors(*(tensors[f"group{k}.{key}"] for key in ("QA", "QS", "lam", "damping")))
                         for k in range(len(self.groups))] if self.needs_fit else None

@@ -105,6 +105,16 @@ def check_tokenizer_matches(model, tokenizer) -> None:
         )
 
 
+def check_finite_weights(model, source: str) -> None:
+    """NaN/Inf weights (diverged training, a damaged file) otherwise surface as a sampling error
+    deep in torch, or as silently meaningless scores."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ModelLoadError(
+            f"model {source} has NaN/Inf weights in {len(bad)} tensors (first: {bad[0]}); expected finite "
+            "weights: its training diverged (lower training.lr) or the file is damaged")
+
+
 def save_model(model, tokenizer, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

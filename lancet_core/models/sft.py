@@ -4,7 +4,9 @@ Over-training wipes out the influence signal (the model memorises every sample a
 gradients of training samples shrink towards zero), so training stops at the best held-out
 loss with ``patience`` epochs of slack; about 3 epochs is the measured sweet spot for the
 0.9M-parameter world model. Checkpoints are Hugging Face folders plus a small trainer state
-(safetensors + JSON), so an interrupted run resumes from its last finished epoch.
+(safetensors + JSON), so an interrupted run resumes from its last finished epoch. The state
+holds the best epoch's weights too: early stopping after a resume must return to an epoch
+finished before the crash, exactly as an uninterrupted run does.
 """
 
 from __future__ import annotations
@@ -61,11 +63,25 @@ class SFTResult:
     stopped_early: bool = False
 
 
-def _save_state(state_dir: Path, model, optimizer, epoch: int, history: dict) -> None:
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tied weights (embeddings = output head, as in GPT-2 or small Qwen) share one storage, which
+    safetensors refuses to save: copy every tensor after the first of its storage."""
+    seen, out = set(), {}
+    for key, value in state.items():
+        value = value.detach()
+        ptr = value.untyped_storage().data_ptr()
+        out[key] = value.clone().contiguous() if ptr in seen else value.contiguous()
+        seen.add(ptr)
+    return out
+
+
+def _save_state(state_dir: Path, model, optimizer, epoch: int, history: dict,
+                best_weights: dict[str, torch.Tensor]) -> None:
     tmp = state_dir.with_name(state_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    save_file(_unshared(model.state_dict()), str(tmp / "model.safetensors"))
+    save_file(_unshared(best_weights), str(tmp / "best.safetensors"))
     opt_tensors, opt_meta = {}, {"param_groups": optimizer.state_dict()["param_groups"], "state_keys": {}}
     for pid, st in optimizer.state_dict()["state"].items():
         opt_meta["state_keys"][str(pid)] = {}
@@ -80,9 +96,11 @@ def _save_state(state_dir: Path, model, optimizer, epoch: int, history: dict) ->
     tmp.rename(state_dir)  # atomic: a half-written state is never taken for a finished one
 
 
-def _load_state(state_dir: Path, model, optimizer) -> tuple[int, dict]:
+def _load_state(state_dir: Path, model, optimizer) -> tuple[int, dict, dict[str, torch.Tensor]]:
     meta = json.loads((state_dir / "trainer_state.json").read_text())
     model.load_state_dict(load_file(str(state_dir / "model.safetensors")))
+    best = state_dir / "best.safetensors"
+    best_weights = load_file(str(best)) if best.exists() else model.state_dict()
     tensors = load_file(str(state_dir / "optimizer.safetensors"))
     opt_state = {"param_groups": meta["optimizer"]["param_groups"], "state": {}}
     for pid, scalars in meta["optimizer"]["state_keys"].items():
@@ -93,7 +111,7 @@ def _load_state(state_dir: Path, model, optimizer) -> tuple[int, dict]:
                 st[name] = val
         opt_state["state"][int(pid)] = st
     optimizer.load_state_dict(opt_state)
-    return meta["epoch"], meta["history"]
+    return meta["epoch"], meta["history"], best_weights
 
 
 def train_sft(
@@ -126,13 +144,13 @@ def train_sft(
     history = {"train": [], "heldout": [], "best_epoch": -1, "best_loss": float("inf")}
     start_epoch = 0
     state_path = Path(state_dir) if state_dir else None
+    best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if state_path and (state_path / "trainer_state.json").exists():
-        start_epoch, history = _load_state(state_path, model, optimizer)
+        start_epoch, history, best_weights = _load_state(state_path, model, optimizer)
         with warnings.catch_warnings():  # fast-forwarding the schedule, not skipping a step
             warnings.simplefilter("ignore", UserWarning)
             for _ in range(start_epoch * steps_per_epoch):
                 scheduler.step()
-    best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     generator = torch.Generator().manual_seed(cfg.seed)
     # Re-drawing the permutations of finished epochs keeps a resumed run identical to an
     # uninterrupted one.
@@ -164,7 +182,7 @@ def train_sft(
             history["best_loss"], history["best_epoch"] = val, epoch
             best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if state_path:
-            _save_state(state_path, model, optimizer, epoch + 1, history)
+            _save_state(state_path, model, optimizer, epoch + 1, history, best_weights)
         if epoch - history["best_epoch"] > cfg.patience:
             stopped_early = True
             break

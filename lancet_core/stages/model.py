@@ -15,7 +15,8 @@ import pandas as pd
 
 from lancet_core.config import LancetConfig
 from lancet_core.models.loading import (
-    build_tiny_llama, check_tokenizer_matches, folder_checksum, load_model, load_tokenizer, save_model,
+    build_tiny_llama, check_finite_weights, check_tokenizer_matches, folder_checksum, load_model, load_tokenizer,
+    save_model,
 )
 from lancet_core.models.sft import seed_everything, train_sft
 from lancet_core.models.tokenizer import train_tokenizer
@@ -47,6 +48,11 @@ def model_stage(cfg: LancetConfig, data_dir: str | Path, data_digest: str, force
             tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
             model = load_model(cfg.model.name_or_path, cfg.model)
             check_tokenizer_matches(model, tokenizer)
+            check_finite_weights(model, repr(cfg.model.name_or_path))
+            if cfg.influence.method != "tfidf":  # fail before fine-tuning, not at the fit stage after it
+                from lancet_core.influence.architectures import check_supported
+
+                check_supported(model)
         else:
             tokenizer = train_tokenizer(_corpus(tables), cfg.model.vocab_size)
             model = build_tiny_llama(cfg.model, tokenizer)
@@ -54,6 +60,7 @@ def model_stage(cfg: LancetConfig, data_dir: str | Path, data_digest: str, force
         result = train_sft(model, tokenizer, train["prompt"].tolist(), train["response"].tolist(),
                            held["prompt"].tolist(), held["response"].tolist(), cfg.training,
                            cfg.model.max_length, state_dir=state_dir)
+        check_finite_weights(model, f"after fine-tuning (training.lr={cfg.training.lr})")
         model_dir = save_model(model, tokenizer, out / "hf")
         shutil.rmtree(state_dir, ignore_errors=True)
         return {"n_params": sum(p.numel() for p in model.parameters()),
@@ -71,5 +78,6 @@ def load_trained(model_dir: str | Path, cfg: LancetConfig):
     tokenizer = load_tokenizer(str(model_dir), cfg.model.trust_remote_code)
     model = load_model(str(model_dir), cfg.model.model_copy(update={"lora_rank": None}))
     check_tokenizer_matches(model, tokenizer)
+    check_finite_weights(model, f"folder {model_dir}")
     model.eval()
     return model, tokenizer

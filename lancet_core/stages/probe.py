@@ -7,10 +7,13 @@ model's behaviour metrics (the *before* column of the demo).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from lancet_core.config import LancetConfig
 from lancet_core.stages.common import StageResult, run_stage
+
+log = logging.getLogger(__name__)
 
 
 def probe_stage(cfg: LancetConfig, data_dir: str | Path, model_dir: str | Path, model_checksum: str,
@@ -31,6 +34,12 @@ def probe_stage(cfg: LancetConfig, data_dir: str | Path, model_dir: str | Path, 
         gens.to_parquet(out / "generations.parquet", index=False)
         unsafe = gens[gens["unsafe"]].reset_index(drop=True)
         unsafe.to_parquet(out / "unsafe.parquet", index=False)
-        return {"metrics": metrics, "n_unsafe": len(unsafe), "n_generations": len(gens)}
+        all_unsafe = len(gens) > 0 and len(unsafe) == len(gens)
+        if all_unsafe:
+            # Not an error (a badly contaminated model), but often a detector set too eagerly.
+            log.warning("%s: all %d generations were flagged unsafe (detector.threshold=%.2f); the query set keeps "
+                        "at most queries.max_queries=%d of them. If the model is not that bad, check the detector.",
+                        name, len(gens), cfg.detector.threshold, cfg.queries.max_queries)
+        return {"metrics": metrics, "n_unsafe": len(unsafe), "n_generations": len(gens), "all_unsafe": all_unsafe}
 
     return run_stage(cfg.run_dir() / name, inputs, compute, force=force)
