@@ -10,7 +10,10 @@ raises, still let the flow finish: the engine (Dask/Ray) or Prefect's retry redo
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -59,28 +62,32 @@ def pipeline(tmp_path_factory):
     return {"cfg": cfg, "work": work, "data": data, "model": model, "queries": queries, "reference": ref}
 
 
-def run_sharded(pipeline, tag: str, runner: str, **env):
-    from flows.correction import with_runner
-    from flows.sharded import sharded_influence
+def drive(spec: dict, work: Path, **env) -> dict:
+    """Run a flow in a child process (tests/_sharded_driver.py) against the module's Prefect server."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec_path, out_path = work / "spec.json", work / "result.json"
+    spec_path.write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "_sharded_driver.py"), str(spec_path),
+                           str(out_path)], env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"the flow failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return json.loads(out_path.read_text())
 
+
+def run_sharded(pipeline, tag: str, runner: str, **env):
     out = pipeline["work"] / tag
     cfg = pipeline["cfg"].model_copy(deep=True)
     cfg.orchestration.task_runner = runner
     cfg.orchestration.shards = 3
     cfg.orchestration.n_workers = 2
     cfg.orchestration.storage_uri = str(out / "shards")
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        started = time.time()
-        result = with_runner(sharded_influence, cfg)(
-            cfg, pipeline["data"].path, pipeline["data"]["digest"], pipeline["model"]["model_dir"],
-            pipeline["model"]["checksum"], pipeline["queries"].path, str(out / "factors"), str(out / "scores"))
-        print(f"\n{tag}: sharded fit {result['fit_s']:.1f}s, score {result['score_s']:.1f}s, "
-              f"flow {time.time() - started:.1f}s")
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    spec = {"flow": "sharded", "config": cfg.model_dump(mode="python"), "data_dir": pipeline["data"].path,
+            "data_digest": pipeline["data"]["digest"], "model_dir": pipeline["model"]["model_dir"],
+            "model_checksum": pipeline["model"]["checksum"], "queries_dir": pipeline["queries"].path,
+            "fit_dir": str(out / "factors"), "scores_dir": str(out / "scores")}
+    result = drive(spec, out / f"driver-{time.time_ns()}", **env)
+    print(f"\n{tag}: sharded fit {result['fit_s']:.1f}s, score {result['score_s']:.1f}s, "
+          f"flow {result['driver_wall_s']:.1f}s")
     return out, result
 
 
@@ -105,7 +112,7 @@ def assert_equal_to_single_process(pipeline, out: Path):
                                rtol=1e-5, atol=1e-5 * float(expected["score"].abs().max()))
     # (ranks are not compared one by one: the world has duplicate samples whose exact ties
     # float noise may order either way; the ranking metrics must agree)
-    got_metrics = __import__("json").loads((out / "scores" / "manifest.json").read_text())["metrics"]
+    got_metrics = json.loads((out / "scores" / "manifest.json").read_text())["metrics"]
     for key in ("recall_at_k", "auroc"):
         assert got_metrics[key] == pytest.approx(ref.metrics[key], abs=1e-6), key
 
@@ -117,7 +124,7 @@ def test_dask_two_workers_equal_single_process_and_survive_a_killed_worker(prefe
     assert (tmp_path / "faults" / "scores-1").exists(), "the fault must have fired (a worker was killed)"
     assert result["plan"]["fit_shards"] == result["plan"]["score_shards"] == 3
     assert_equal_to_single_process(pipeline, out)
-    manifest = __import__("json").loads((out / "shards" / "manifest.json").read_text())
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
     assert set(manifest["steps"]) == {"covariance", "eigenvalues", "scores"}
     assert len(manifest["steps"]["scores"]["shards"]) == 3
 
@@ -137,15 +144,13 @@ def test_ray_equal_single_process_and_a_failed_shard_is_retried_alone(prefect_se
 def test_main_flow_with_shards_logs_like_the_single_process_path(prefect_server, pipeline, monkeypatch):
     """`orchestration.shards=2` in the whole flow: the map-reduce makes the factors and scores, the
     fit and rank tasks find them finished and log them; the summary says how it was split."""
-    from flows.correction import lancet_correction
-
     work = pipeline["work"]
     monkeypatch.chdir(work)
     cfg = pipeline["cfg"].model_copy(deep=True)
     cfg.tracking.enabled = True
     cfg.tracking.tracking_uri = f"sqlite:///{work}/mlruns.db"
     cfg.orchestration.shards = 2
-    summary = lancet_correction(cfg)
+    summary = drive({"flow": "main", "config": cfg.model_dump(mode="python")}, work / "main-flow")
     assert summary["sharded"]["fit_shards"] == summary["sharded"]["score_shards"] == 2
     assert summary["cached"]["data"] and summary["cached"]["model"]  # finished stages were reused
     assert summary["cached"]["fit"] and summary["cached"]["rank"]  # made by the shards, loaded by the tasks
@@ -158,5 +163,5 @@ def test_main_flow_with_shards_logs_like_the_single_process_path(prefect_server,
     children = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
     stages = {r.data.tags.get("lancet.stage") for r in children}
     assert {"fit", "rank"} <= stages
-    manifest = __import__("json").loads((cfg.run_dir() / "scores" / "manifest.json").read_text())
+    manifest = json.loads((cfg.run_dir() / "scores" / "manifest.json").read_text())
     assert manifest["sharded"]["shards"] == 2
