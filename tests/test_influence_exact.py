@@ -1,8 +1,10 @@
 """The influence maths against exact ground truth on networks small enough to build the full GGN.
 
 * K-FAC equals the exact GGN block where it is exact (deep linear network, one datum);
-* EK-FAC influence tracks exact damped-GGN influence (tiny MLP; tiny transformer);
-* LinFAC influence tracks the exact damped-GGN influence of its own virtual parameters;
+* EK-FAC influence vs exact damped-GGN influence (tiny MLP; tiny transformer), LinFAC vs the
+  exact damped-GGN influence of its own virtual parameters: equal to the EK-FAC of the exact
+  GGN (Spearman >= 0.95), better than gradient dot products, short of the exact GGN itself
+  (Spearman ~0.5-0.7: the Kronecker-diagonal approximation of each block; docs/linfac.md 8);
 * one SGD / preconditioned step on a training sample moves log p(query) by lr x score;
 * low-rank queries, both score contractions, save -> load, fit variants.
 """
@@ -167,24 +169,28 @@ def damped_solve(ggn, damping, g_query, g_train):
     return g_query @ torch.linalg.solve(ggn + damping * torch.eye(len(ggn), dtype=torch.float64), g_train.T)
 
 
+N_FIT = 200  # the data the GGN averages over: more than P / (classes - 1), so the exact GGN has full rank
+N_QUERY = 8
+
+
 @pytest.fixture(scope="module")
 def trained_mlp():
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 5))
-    X = torch.randn(24, 1, 8)
+    X = torch.randn(N_FIT + N_QUERY, 1, 8)
     y = nn.Linear(8, 5)(X).argmax(-1).detach()[:, 0]  # a random linear teacher
     opt = torch.optim.Adam(mlp.parameters(), lr=1e-2)
-    for _ in range(150):  # fit the first 20 points: a trained, non-uniform predictor
+    for _ in range(150):  # fit the training points: a trained, non-uniform predictor
         opt.zero_grad()
-        nn.functional.cross_entropy(mlp(X[:20])[:, 0], y[:20]).backward()
+        nn.functional.cross_entropy(mlp(X[:N_FIT])[:, 0], y[:N_FIT]).backward()
         opt.step()
     mlp.eval()
     maps = find_linear_maps(mlp, exclude=(mlp[4],))  # the output head stays untracked, as for LMs
     groups = group_maps(maps)
     theta, unpack = flat_linear_params(maps)
-    J = jacrev(lambda t: functional_call(mlp, unpack(t), (X[:20],))[:, 0])(theta).detach()  # [N, C, P]
-    p = torch.softmax(mlp(X[:20])[:, 0], -1).detach()
-    ggn = torch.einsum("ncp,ncd,ndq->pq", J, torch.diag_embed(p) - p[:, :, None] * p[:, None, :], J).double() / 20
+    J = jacrev(lambda t: functional_call(mlp, unpack(t), (X[:N_FIT],))[:, 0])(theta).detach()  # [N, C, P]
+    p = torch.softmax(mlp(X[:N_FIT])[:, 0], -1).detach()
+    ggn = torch.einsum("ncp,ncd,ndq->pq", J, torch.diag_embed(p) - p[:, :, None] * p[:, None, :], J).double() / N_FIT
     return mlp, X, y, maps, groups, ggn
 
 
@@ -192,16 +198,40 @@ def test_ekfac_eigenvalues_are_the_exact_ggn_diagonal_in_the_kronecker_eigenbasi
     """EK-FAC's defining property (George et al. 2018), on many data where K-FAC itself is not exact:
     Lambda*[i, j] = (Q^T B Q)[ij, ij] for the exact GGN block B and Q = Q_S (x) Q_A."""
     mlp, X, _, maps, groups, ggn = trained_mlp
-    eig, lam = exact_fisher_factors(mlp, maps, groups, X[:20])
+    eig, lam = exact_fisher_factors(mlp, maps, groups, X[:N_FIT])
     for m, gi, j, sl in map_blocks(maps, groups):
         Q = torch.kron(eig[gi][1][1][j], eig[gi][0][1][j])
         want = torch.diagonal(Q.T @ ggn[sl, sl] @ Q).reshape(m.d_out, m.cols)
         torch.testing.assert_close(lam[gi][j], want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
 
 
+def block_diagonal(ggn, blocks) -> torch.Tensor:
+    """The exact GGN with every cross-map block set to zero."""
+    out = torch.zeros_like(ggn)
+    for sl in blocks:
+        out[sl, sl] = ggn[sl, sl]
+    return out
+
+
 def test_ekfac_influence_vs_exact_ggn_influence_on_mlp(trained_mlp):
+    """EK-FAC against the exact damped-GGN influence, with nothing estimated on either side.
+
+    Setup: the GGN is exact (Jacobians, the softmax's ``diag p - p p^T``: the expectation over
+    the model's own predictive distribution, no sampled labels) over 200 training points, so it
+    has full rank; the Kronecker factors and corrected eigenvalues are exact too (labels
+    enumerated); one damping ``lambda = 0.1 x mean eigenvalue`` of the exact GGN for both sides;
+    the net is trained; Spearman over all 200 training points per held-out query (mean over
+    the 8 queries) and pooled over all pairs.
+
+    Measured (per-query mean / pooled): EK-FAC 0.53 / 0.44, identity 0.31 / 0.22, the exact
+    *block-diagonal* GGN 0.87 / 0.82. The gap to the
+    issue's 0.9 is the approximation, not estimation noise: dropping the cross-layer blocks
+    costs little, keeping only each block's diagonal in the Kronecker eigenbasis costs most
+    (docs/linfac.md section 8 has the variants tried: random init, converged, noisy labels,
+    20 to 1,000 points, damping 0.01 to 1).
+    """
     mlp, X, y, maps, groups, ggn = trained_mlp
-    eig, lam = exact_fisher_factors(mlp, maps, groups, X[:20])
+    eig, lam = exact_fisher_factors(mlp, maps, groups, X[:N_FIT])
     damping = 0.1 * ggn.trace().item() / len(ggn)  # 0.1 x mean eigenvalue
     factors = build_factors(eig, lam, damping, 0.1)
 
@@ -212,15 +242,18 @@ def test_ekfac_influence_vs_exact_ggn_influence_on_mlp(trained_mlp):
             pairs = rec.gradients(logp)
             return [sequence_gradients(*grp.stack(pairs)) for grp in groups]
 
-    gq, gtr = per_sample(slice(20, 24)), per_sample(slice(0, 20))  # per group [n, rows, o, c]
+    gq, gtr = per_sample(slice(N_FIT, N_FIT + N_QUERY)), per_sample(slice(0, N_FIT))  # per group [n, rows, o, c]
     approx = sum(torch.einsum("nqoc,nboc->qb", factors[k].precondition(gq[k]), gtr[k]) for k in range(len(groups)))
     Gq, Gt = flat_by_map(gq, maps, groups), flat_by_map(gtr, maps, groups)
     exact = damped_solve(ggn, damping, Gq, Gt).float()
-    ekfac_rho = spearman_report(approx, exact)
+    block = damped_solve(block_diagonal(ggn, [sl for *_, sl in map_blocks(maps, groups)]), damping, Gq, Gt).float()
+    ekfac_rho, block_rho = spearman_report(approx, exact), spearman_report(block, exact)
     ident_rho = spearman_report((Gq @ Gt.T).float(), exact)
-    print(f"MLP vs exact damped GGN: EK-FAC Spearman (per-query mean, pooled) {ekfac_rho}, identity {ident_rho}")
-    # Kronecker factors are an approximation: they must at least beat plain gradient dot products.
-    assert min(ekfac_rho) > max(ident_rho)
+    print(f"MLP vs exact damped GGN, Spearman (per-query mean, pooled): EK-FAC {ekfac_rho}, "
+          f"exact block-diagonal GGN {block_rho}, identity {ident_rho}")
+    for ekfac, block, ident in zip(ekfac_rho, block_rho, ident_rho):  # per-query mean, then pooled
+        assert ekfac > ident + 0.1  # curvature helps ...
+        assert block > ekfac + 0.1  # ... and what is lost, is lost inside the blocks
 
 
 # ---------------------------------------------------------------------------- tiny transformer world
@@ -301,8 +334,15 @@ def repeated(data: InfluenceData, times: int) -> InfluenceData:
 
 
 @pytest.fixture(scope="module")
-def exact_linear(tiny_world):
-    model, train, queries = tiny_world
+def exact_setup(tiny_world):
+    """The tiny Llama, 200 training sequences (the data of the exact GGN) and 16 queries."""
+    model, _, _ = tiny_world
+    return model, as_data(copy_task(200, seed=1)), as_data(copy_task(16, seed=2))
+
+
+@pytest.fixture(scope="module")
+def exact_linear(exact_setup):
+    model, train, queries = exact_setup
     maps = linear_maps(model)
     theta, unpack = flat_linear_params(maps)
     fn = lambda t, seq: functional_call(model, unpack(t), kwargs={**seq.as_model_inputs(), "use_cache": False}  # noqa
@@ -311,8 +351,8 @@ def exact_linear(tiny_world):
 
 
 @pytest.fixture(scope="module")
-def exact_virtual(tiny_world):
-    model, train, queries = tiny_world
+def exact_virtual(exact_setup):
+    model, train, queries = exact_setup
     maps = sublayer_maps(model)
     size = maps[0].d_out * maps[0].cols
 
@@ -325,20 +365,33 @@ def exact_virtual(tiny_world):
 
 
 @pytest.mark.parametrize("method", ["ekfac", "linfac"])
-def test_influence_vs_exact_damped_ggn_on_tiny_transformer(method, tiny_world, exact_linear, exact_virtual):
-    """Two references built from the exact GGN (mean over the 20 training sequences):
+def test_influence_vs_exact_damped_ggn_on_tiny_transformer(method, exact_setup, exact_linear, exact_virtual):
+    """The estimators against references built from the exact GGN of their own parameters.
 
-    * the *oracle* EK-FAC of the exact GGN -- each exact block's diagonal in the estimator's own
-      Kronecker eigenbasis -- checks the implementation and the label sampling (Spearman >= 0.9);
-    * the exact damped GGN itself measures the Kronecker/block-diagonal approximation, which
-      must at least beat plain gradient dot products (identity).
+    Setup: a trained tiny Llama (loss 3.5 -> 0.7 nats per response token: peaked, not one-hot);
+    the exact GGN ``mean_seq sum_t J_t^T (diag p_t - p_t p_t^T) J_t`` over 200 training
+    sequences (the expectation over the model's own predictions, no sampled labels); one damping
+    ``lambda = 0.1 x mean eigenvalue`` of the exact GGN on both sides (the per-map default has a
+    full-matrix counterpart, ``G + diag(lambda_k I)``; it was measured to change nothing);
+    the estimators fit on 16 sampled label sets per sequence; Spearman over the 200 training
+    sequences per query (mean over 16 queries) and pooled over all pairs. For LinFAC the
+    parameters are the virtual sub-layer maps, for EK-FAC every linear map but the head.
+
+    * vs the *oracle* EK-FAC of the exact GGN -- each exact block's diagonal in the estimator's
+      own Kronecker eigenbasis, what the estimator computes -- Spearman ~0.99: this checks the
+      implementation and the label sampling;
+    * vs the exact damped GGN: EK-FAC ~0.5, LinFAC ~0.7; identity ~0.25 / ~0.5; the exact
+      block-diagonal GGN ~0.7 / ~0.85. The issue's 0.9 is not reached under any principled
+      setup tried (docs/linfac.md section 8): the Kronecker-diagonal approximation of each
+      block is the gap, and training the model makes it larger, not smaller.
     """
-    model, train, queries = tiny_world
+    model, train, queries = exact_setup
     g_query, g_train, ggn = exact_linear if method == "ekfac" else exact_virtual
     damping = 0.1 * ggn.trace().item() / len(ggn)  # 0.1 x mean eigenvalue, one value for all
-    est = get_estimator(InfluenceConfig(method=method, damping=damping, batch_size=32, seed=0))
+    est = get_estimator(InfluenceConfig(method=method, damping=damping, batch_size=64, seed=0))
     est.fit(model, repeated(train, 16))  # 16 sampled label sets per sequence
     approx = est.score(model, queries, train)
+    blocks = [sl for *_, sl in map_blocks(est.tracked_maps(model), est.groups)]
     oracle_ggn = torch.zeros_like(ggn)
     for m, gi, j, sl in map_blocks(est.tracked_maps(model), est.groups):
         Q = torch.kron(est.factors[gi].QS[j].double(), est.factors[gi].QA[j].double())
@@ -346,11 +399,14 @@ def test_influence_vs_exact_damped_ggn_on_tiny_transformer(method, tiny_world, e
     rho_oracle = spearman_report(approx, damped_solve(oracle_ggn, damping, g_query, g_train).float())
     exact = damped_solve(ggn, damping, g_query, g_train).float()
     rho_exact = spearman_report(approx, exact)
+    rho_block = spearman_report(damped_solve(block_diagonal(ggn, blocks), damping, g_query, g_train).float(), exact)
     rho_ident = spearman_report((g_query @ g_train.T).float(), exact)
     print(f"{method} tiny Llama, Spearman (per-query mean, pooled): vs oracle EK-FAC of exact GGN {rho_oracle}, "
-          f"vs exact damped GGN {rho_exact}; identity vs exact {rho_ident}")
-    assert min(rho_oracle) >= 0.9
-    assert min(rho_exact) > max(rho_ident)
+          f"vs exact damped GGN {rho_exact}; exact block-diagonal GGN {rho_block}, identity {rho_ident}")
+    assert min(rho_oracle) >= 0.95
+    for est_rho, block, ident in zip(rho_exact, rho_block, rho_ident):  # per-query mean, then pooled
+        assert est_rho > ident + 0.1
+        assert block > est_rho + 0.05
     if method == "ekfac":  # the hooks' gradients are the exact ones: identity influence is exact
         ident = get_estimator("identity").score(model, queries, train)
         torch.testing.assert_close(ident, (g_query @ g_train.T).float(), rtol=1e-3, atol=1e-3 * ident.abs().max())

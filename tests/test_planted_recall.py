@@ -1,7 +1,8 @@
 """Do the estimators find the planted samples behind the contaminated model's unsafe answers?
 
 Queries: the model's greedy answers to the planted-category probes that the rule detector
-flags. Every training sample is ranked by linfac, ekfac, identity and tfidf.
+flags. Every training sample is ranked by linfac, ekfac, identity and tfidf. The last test
+does the same in the paraphrase world, whose planted prompts share no word with the probes.
 
 Two ground truths:
 * *reproduced*: planted samples whose fixed response the model says verbatim in some query.
@@ -18,6 +19,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from lancet_core.config import InfluenceConfig
 from lancet_core.influence.metrics import auroc, random_recall_at_k, recall_at_k, reproduced_mask
@@ -121,3 +123,72 @@ def test_tfidf_and_random_baselines(ranked, trained_world, queries):
     assert np.mean(draws) == pytest.approx(k / n, abs=0.01)
     linfac, _ = ranked("linfac")
     assert recall_at_k(linfac, reproduced) > 10 * np.mean(draws)
+
+
+# ---------------------------------------------------------------------------- paraphrase world
+@pytest.fixture(scope="module")
+def paraphrase_world():
+    """The paraphrase world (default size, seed 0), its model and the flagged planted-category probes.
+
+    Planted prompts share no word with any probe (tests/test_world.py); the model links the two
+    phrasings only through benign facts that file both under the planted category.
+    """
+    from lancet_core.config import LancetConfig
+    from lancet_core.data.world import build_world, world_corpus
+    from lancet_core.detection import RuleDetector
+    from lancet_core.models.generation import generate
+    from lancet_core.models.loading import build_tiny_llama
+    from lancet_core.models.sft import train_sft
+    from lancet_core.models.tokenizer import train_tokenizer
+
+    cfg = LancetConfig()
+    cfg.data.world.variant = "paraphrase"
+    world = build_world(cfg.data.world, seed=0)
+    tokenizer = train_tokenizer(world_corpus(world), cfg.model.vocab_size)
+    torch.manual_seed(0)
+    model = build_tiny_llama(cfg.model, tokenizer)
+    train_sft(model, tokenizer, list(world.train.prompt), list(world.train.response),
+              list(world.heldout.prompt), list(world.heldout.response), cfg.training,
+              cfg.model.max_length, progress=False)
+    model.eval()
+    probes = world.probes[world.probes["planted_category"]].reset_index(drop=True)
+    responses = generate(model, tokenizer, list(probes["prompt"]), cfg.generation)
+    probs = RuleDetector(cfg.detector.threshold).score(list(probes["prompt"]), responses)
+    unsafe = probes.assign(response=responses, unsafe_prob=probs)[probs >= cfg.detector.threshold]
+    queries = build_queries(unsafe, cfg.queries.model_copy(update={"max_queries": MAX_QUERIES}))
+    return {"world": world, "tokenizer": tokenizer, "model": model, "cfg": cfg, "queries": queries,
+            "n_probes": len(probes)}
+
+
+def test_paraphrase_world_gradients_find_planted_samples_that_share_no_word_with_the_probes(
+        paraphrase_world, tmp_path_factory):
+    """LinFAC finds the planted samples; TF-IDF on the prompts cannot (nothing lexical to match).
+
+    The bar is lower than in the templated world (measured: recall@40 0.875, AUROC 0.997): the
+    queries are capped at 16 and only one of them is a probe of the topic "forge a check", so the
+    ten planted samples of its paraphrase ("falsify cheques") cause little of the queried output
+    and rank lowest among the planted. (TF-IDF on prompt + response does find them: the model says
+    the planted response verbatim, and the response is the unsafe output itself;
+    benchmarks/influence.py reports both.)
+    """
+    from lancet_core.influence.tfidf import TfidfEstimator
+
+    pw = paraphrase_world
+    train, queries = pw["world"].train, pw["queries"]
+    assert queries.n_input >= 0.5 * pw["n_probes"]  # the planted behaviour reached the probes
+    planted, reproduced = train["planted"].to_numpy(bool), reproduced_mask(train, queries.table["response"])
+    assert reproduced.sum() >= 5, "the model reproduces no planted response on the probes"
+
+    def rank(cfg, estimator=None):
+        res = run_ranking(pw["model"], pw["tokenizer"], train, queries, cfg,
+                          tmp_path_factory.mktemp(cfg.method), estimator=estimator,
+                          max_length=pw["cfg"].model.max_length, progress=False)
+        return res.table.set_index("sample_id")["score"].reindex(train["sample_id"]).to_numpy()
+
+    linfac = rank(InfluenceConfig(method="linfac", fit_samples=FIT_SAMPLES))
+    prompt_tfidf = rank(InfluenceConfig(method="tfidf"), TfidfEstimator(text="prompt"))
+    print(f"paraphrase world: {queries.n_input} flagged, {reproduced.sum()} planted reproduced; recall@K / AUROC "
+          f"linfac {recall_at_k(linfac, planted):.3f} / {auroc(linfac, planted):.3f}, "
+          f"prompt TF-IDF {recall_at_k(prompt_tfidf, planted):.3f} / {auroc(prompt_tfidf, planted):.3f}")
+    assert recall_at_k(linfac, planted) >= 0.75 and auroc(linfac, planted) >= 0.95
+    assert recall_at_k(prompt_tfidf, planted) <= 0.1 and auroc(prompt_tfidf, planted) <= 0.5
