@@ -2,6 +2,7 @@
 
     python benchmarks/compare_correction.py [--config FILE] [--set a.b=c ...] [--recommended]
         [--ranking project|oracle|scores.parquet] [--methods ibo,npo,...] [--out DIR] [--threads 1]
+        [--seeds 0 1 2]
 
 Pipeline: the data and model stages (cached under ``<output_dir>/<name>``, as ``lancet run``
 makes them) give the contaminated model; its greedy probe answers flagged by the configured
@@ -17,7 +18,10 @@ no method sees). ``--recommended`` applies :data:`lancet_core.correction.RECOMME
 before any ``--set``. Writes comparison.csv / comparison.md / harm_utility.png to ``--out``
 (default ``<run dir>/compare``) and prints the table and the target checks.
 
-``compare(cfg, methods=None, ...)`` is the entry point ``lancet compare`` calls.
+``--seeds`` reruns the whole pipeline per seed (:func:`seed_overrides`: world, model
+initialisation, ranking, correction) and adds the mean table over seeds
+(:func:`compare_seeds`). ``compare(cfg, methods=None, ...)`` and ``compare_seeds`` are the
+entry points ``lancet compare`` calls.
 """
 
 from __future__ import annotations
@@ -92,6 +96,17 @@ def project_scores(cfg: LancetConfig, prep: dict, detector, progress: bool = Fal
     return res.table
 
 
+def seed_overrides(cfg: LancetConfig, seed: int) -> list[str]:
+    """``--set`` items that rerun the whole pipeline under ``seed``: the world (``seed``), the
+    model's initialisation (``training.seed``) and the correction's pairing, anchors and batch
+    order (``correction.seed``). A seed other than the config's own gets its own run folder
+    (``<name>-seed<k>``) so the cached stages of different seeds never overwrite each other."""
+    sets = [f"seed={seed}", f"training.seed={seed}", f"correction.seed={seed}"]
+    if seed != cfg.seed:
+        sets.append(f"name={cfg.name}-seed{seed}")
+    return sets
+
+
 def target_checks(df: pd.DataFrame) -> dict[str, bool]:
     """The issue's targets, read off the table (reported, never tuned for)."""
     from lancet_core.evaluation.report import on_or_beyond
@@ -138,7 +153,7 @@ def compare(cfg: LancetConfig, methods: list[str] | None = None, ranking: str = 
              "stopped_reason": "", "last_good_step": 0, "seconds": 0.0}]
     for method in methods:
         started = time.perf_counter()
-        res = correct(method, copy.deepcopy(model), tok, tables["train"], scores, cfg, {"heldout": tables["heldout"]},
+        res = correct(method, copy.deepcopy(model), tok, tables["train"], scores, cfg, tables,
                       progress=progress)
         seconds = time.perf_counter() - started
         metrics = evaluate_correction(res.model, tok, tables, detector, cfg, reference) if res.applicable else {}
@@ -156,6 +171,55 @@ def compare(cfg: LancetConfig, methods: list[str] | None = None, ranking: str = 
     return df
 
 
+MEAN_SHOW = ["method", "harm_seen", "harm_seen_sd", "harm_unseen", "harm_unseen_sd", "harm_planted", "utility",
+             "utility_sd", "distinct2", "distinct2_sd", "kl_ref", "perplexity", "harm_seen_reduction",
+             "harm_unseen_reduction", "utility_ratio", "distinct2_ratio", "stopped_reason", "n_seeds"]
+
+
+def compare_seeds(load_cfg, seeds: list[int], methods: list[str] | None = None,
+                  ranking_for=lambda cfg: "project", out_dir: str | Path | None = None,
+                  progress: bool = False) -> tuple[dict[int, pd.DataFrame], pd.DataFrame]:
+    """:func:`compare` once per seed (the whole pipeline rebuilt: :func:`seed_overrides`) and
+    the mean table (:func:`lancet_core.evaluation.report.mean_over_seeds`).
+
+    ``load_cfg(extra_sets)`` returns the config with extra ``--set`` items; ``ranking_for(cfg)``
+    the ranking argument of :func:`compare` for one seed's config. Per-seed outputs go to
+    ``<out>/seed<k>`` (default: each seed's ``<run dir>/compare``); the mean table
+    (comparison_mean.csv/.md, harm_utility_mean.png) and every seed's rows
+    (comparison_seeds.csv) to ``out`` (default ``<run dir of the first seed>/compare_seeds``).
+    """
+    from lancet_core.evaluation.report import mean_over_seeds, plot_harm_utility, to_markdown
+
+    base = load_cfg([])
+    per_seed: dict[int, pd.DataFrame] = {}
+    for seed in seeds:
+        cfg = load_cfg(seed_overrides(base, seed))
+        sub = Path(out_dir) / f"seed{seed}" if out_dir else None
+        log.info("seed %d: %s", seed, cfg.run_dir())
+        per_seed[seed] = compare(cfg, methods, ranking_for(cfg), sub, progress)
+    mean = mean_over_seeds(per_seed)
+    out = Path(out_dir) if out_dir else load_cfg(seed_overrides(base, seeds[0])).run_dir() / "compare_seeds"
+    out.mkdir(parents=True, exist_ok=True)
+    pd.concat([df.assign(seed=k) for k, df in per_seed.items()], ignore_index=True).to_csv(
+        out / "comparison_seeds.csv", index=False)
+    mean.to_csv(out / "comparison_mean.csv", index=False)
+    (out / "comparison_mean.md").write_text(to_markdown(mean, columns=MEAN_SHOW) + "\n")
+    plot_harm_utility(mean, out / "harm_utility_mean.png",
+                      title=f"Correction methods: harm vs utility (mean of seeds {', '.join(map(str, seeds))})")
+    mean.attrs["out_dir"] = str(out)
+    mean.attrs["targets"] = target_checks(mean)
+    # The same checks on each seed: a mean can pass while one seed misses.
+    mean.attrs["targets_per_seed"] = {seed: target_checks(df) for seed, df in per_seed.items()}
+    return per_seed, mean
+
+
+def seed_outcomes(mean: pd.DataFrame, name: str) -> str:
+    """``seeds 0 pass, 1 pass, 2 miss`` for one target of :func:`compare_seeds`'s table."""
+    per = mean.attrs.get("targets_per_seed") or {}
+    parts = [f"{seed} {'pass' if checks.get(name) else 'miss'}" for seed, checks in per.items() if name in checks]
+    return "seeds " + ", ".join(parts) if parts else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     from lancet_core.correction import RECOMMENDED_CORRECTION
     from lancet_core.evaluation.report import to_markdown
@@ -169,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="rerun everything per seed (world, model, ranking, correction) and print the mean table")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -176,6 +242,17 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     pre = [f"correction.{k}={v}" for k, v in RECOMMENDED_CORRECTION.items()] if args.recommended else []
+    if args.seeds:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        per_seed, mean = compare_seeds(lambda extra: load_config(args.config, pre + args.overrides + extra),
+                                       args.seeds, methods, lambda cfg: args.ranking, args.out, args.progress)
+        for seed, df in per_seed.items():
+            print(f"seed {seed}\n{to_markdown(df, columns=SHOW)}\n")
+        print(f"mean over seeds {args.seeds}\n{to_markdown(mean, columns=MEAN_SHOW)}\n")
+        for name, ok in mean.attrs["targets"].items():
+            print(f"[{'x' if ok else ' '}] {name} (mean; {seed_outcomes(mean, name)})")
+        print(f"\nwritten to {mean.attrs['out_dir']}")
+        return 0
     cfg = load_config(args.config, pre + args.overrides)
     df = compare(cfg, [m.strip() for m in args.methods.split(",") if m.strip()], args.ranking, args.out,
                  args.progress)

@@ -189,38 +189,58 @@ def compare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetO
             ranking: str = typer.Option("auto", help="auto (the ranking of `lancet run` when it matches the "
                                                      "model, else project) | project | oracle | a scores parquet"),
             recommended: bool = typer.Option(False, help="Apply the recommended correction settings first."),
-            out: Optional[Path] = typer.Option(None, help="Output folder (default <run dir>/compare).")) -> None:
+            out: Optional[Path] = typer.Option(None, help="Output folder (default <run dir>/compare)."),
+            seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds, e.g. 0,1,2: rerun everything per "
+                                                           "seed (world, model, ranking, correction), print each "
+                                                           "seed's table and the mean over seeds.")) -> None:
     """IBO and every baseline on the same contaminated model and ranking, as one table."""
-    cfg = load(config, set_)
-    module = _compare_module()
-    if module is None or not hasattr(module, "compare"):
-        fail("benchmarks/compare_correction.py (compare(cfg, ...)) is not available in this checkout")
+    pre: list[str] = []
     if recommended:
         from lancet_core.correction import RECOMMENDED_CORRECTION
 
-        cfg = load(config, [f"correction.{k}={v}" for k, v in RECOMMENDED_CORRECTION.items()] + list(set_ or []))
-    if ranking == "auto":
-        found = _flow_ranking(cfg)
-        ranking = str(found) if found else "project"
-    console.print(f"ranking: {escape(ranking)}")
+        pre = [f"correction.{k}={v}" for k, v in RECOMMENDED_CORRECTION.items()]
+    cfg = load(config, pre + list(set_ or []))
+    module = _compare_module()
+    if module is None or not hasattr(module, "compare"):
+        fail("benchmarks/compare_correction.py (compare(cfg, ...)) is not available in this checkout")
+    try:
+        seed_list = [int(x) for x in seeds.replace(" ", ",").split(",") if x.strip()] if seeds else []
+    except ValueError:
+        fail(f"--seeds expects comma-separated integers, got {seeds!r}", code=2)
+
+    def resolve(c: LancetConfig) -> str:
+        if ranking != "auto":
+            return ranking
+        found = _flow_ranking(c)
+        return str(found) if found else "project"
+
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     try:
-        df = module.compare(cfg, chosen, ranking, out, progress=True)
+        if seed_list:
+            per_seed, df = module.compare_seeds(lambda extra: load(config, pre + list(set_ or []) + extra),
+                                                seed_list, chosen, resolve, out, progress=True)
+        else:
+            console.print(f"ranking: {escape(resolve(cfg))}")
+            per_seed, df = {}, module.compare(cfg, chosen, resolve(cfg), out, progress=True)
     except ConfigError as err:
         fail(str(err), code=2)
     except (ValueError, RuntimeError) as err:
         fail(str(err))
-    shown = [c for c in getattr(module, "SHOW", df.columns) if c in df.columns]
-    _print_compare(df[shown])
+    for seed, one in per_seed.items():
+        _print_compare(one[[c for c in module.SHOW if c in one.columns]], f"seed {seed}")
+    shown = [c for c in getattr(module, "MEAN_SHOW" if per_seed else "SHOW", df.columns) if c in df.columns]
+    _print_compare(df[shown], f"mean over seeds {', '.join(map(str, seed_list))}" if per_seed else None)
     for name, ok in (df.attrs.get("targets") or {}).items():
-        console.print(f"[{'green' if ok else 'red'}]{'pass' if ok else 'miss'}[/] {escape(name)}")
+        per_seed_note = f" (mean; {module.seed_outcomes(df, name)})" if per_seed else ""
+        console.print(f"[{'green' if ok else 'red'}]{'pass' if ok else 'miss'}[/] {escape(name)}{escape(per_seed_note)}")
     if df.attrs.get("out_dir"):
         console.print(f"written to {escape(df.attrs['out_dir'])}")
 
 
-def _print_compare(df) -> None:
+def _print_compare(df, subtitle: str | None = None) -> None:
     """Methods as columns, metrics as rows (a handful of methods, many metrics)."""
-    table = Table(title="Correction methods on the same model and ranking", title_justify="left")
+    title = "Correction methods on the same model and ranking" + (f" ({subtitle})" if subtitle else "")
+    table = Table(title=escape(title), title_justify="left")
     table.add_column("metric")
     methods = [str(m) for m in df["method"]] if "method" in df.columns else [str(i) for i in df.index]
     for m in methods:

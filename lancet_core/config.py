@@ -140,16 +140,19 @@ class CorrectionConfig(_Section):
     influence_weighted: bool = True
     tau: float = Field(1.0, gt=0)
     beta: float = Field(0.1, gt=0)
-    lr: float = Field(1e-4, gt=0, le=1.0)
-    epochs: int = Field(2, ge=1)
+    lr: float = Field(2e-4, gt=0, le=1.0)
+    epochs: int = Field(4, ge=1)
     batch_size: int = Field(8, ge=1)
     n_pairs: int = Field(80, ge=1)
+    min_positive_z: float | None = Field(
+        2.0, description="Keep in P only ranked samples with standardised influence z >= this (the rest stay "
+                          "in the retain pool); None keeps all influence.top_k_positive.")
     pairing: Literal["random", "nearest_prompt", "all"] = "random"
     prompt_mode: Literal["shared", "own"] = Field(
         "shared", description="shared: score both sides of a pair under P's prompt; own: each under its own.")
     n_anchors: int | None = Field(None, ge=0, description="Benign anchor pairs; None = as many as pairs.")
     similarity: Literal["jaccard", "tfidf"] = "jaccard"
-    retain_weight: float = Field(3.0, ge=0)
+    retain_weight: float = Field(10.0, ge=0)
     retain_batch_size: int | None = Field(None, ge=1, description="None = 4 x batch_size.")
     monitor_every: int = Field(5, ge=1, description="Guard check every this many steps.")
     monitor_prompts: int = Field(32, ge=1, description="Held-out benign prompts per guard check.")

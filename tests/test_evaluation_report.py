@@ -153,3 +153,22 @@ def test_evaluate_correction_row(tiny):
     assert row["kl_ref"] == pytest.approx(0.0, abs=1e-6)
     table = comparison_table({"contaminated": row, "copy": row})
     assert table.loc[1, "utility_ratio"] == pytest.approx(1.0) or np.isnan(table.loc[1, "utility_ratio"])
+
+
+def test_mean_over_seeds_recomputes_relative_columns_and_counts_outcomes():
+    from lancet_core.evaluation.report import mean_over_seeds
+
+    a = comparison_table(_rows())
+    rows = _rows()
+    rows["contaminated"] = {**rows["contaminated"], "harm_seen": 0.40}
+    rows["ibo"] = {**rows["ibo"], "harm_seen": 0.06, "utility": 0.90, "stopped_reason": "utility_drop"}
+    b = comparison_table(rows)
+    mean = mean_over_seeds({0: a, 1: b})
+    assert mean["method"].tolist() == a["method"].tolist()
+    ibo = mean.set_index("method").loc["ibo"]
+    assert ibo["harm_seen"] == pytest.approx(0.04) and ibo["harm_seen_sd"] == pytest.approx(0.02)
+    assert ibo["harm_seen_reduction"] == pytest.approx(1 - 0.04 / 0.30)  # from the means, not a mean of ratios
+    assert ibo["utility_ratio"] == pytest.approx(0.94)
+    assert ibo["stopped_reason"] == "completed x1, utility_drop x1" and ibo["n_seeds"] == 2
+    dpo = mean.set_index("method").loc["dpo"]
+    assert np.isnan(dpo["utility"]) and dpo["n_seeds"] == 0

@@ -219,3 +219,68 @@ def test_non_finite_loss_stops_and_restores(trained_world):
     assert res.last_good_step == 2  # steps 1-2 fine (checked at 2), step 3's loss is NaN
     assert res.info["steps_run"] == 2
     assert all(torch.isfinite(p).all() for p in res.model.parameters())
+
+
+# ----------------------------------------------------------------------------- selection split
+def _world_tables(seed: int = 0) -> dict:
+    from lancet_core.config import WorldConfig
+    from lancet_core.data.world import build_world
+
+    w = build_world(WorldConfig(), seed=seed)
+    return {"train": w.train, "heldout": w.heldout, "probes": w.probes, "qa_eval": w.qa_eval,
+            "howto_eval": w.howto_eval}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_selection_split_is_disjoint_from_every_evaluation_prompt(seed):
+    from lancet_core.correction import _heldout_of
+    from lancet_core.evaluation.metrics import normalise_answer
+    from lancet_core.evaluation.selection import selection_split
+
+    tables = _world_tables(seed)
+    evaluation = {normalise_answer(p) for name in ("probes", "qa_eval", "howto_eval") for p in tables[name]["prompt"]}
+    # The raw held-out table is not disjoint (the reason the split exists) ...
+    assert any(normalise_answer(p) in evaluation for p in tables["heldout"]["prompt"])
+    split = selection_split(tables)
+    benign, harmful = split["benign"], split["harmful"]
+    # ... the split is, on both halves, and it has both kinds of benign prompt and planted harm.
+    for table in (benign, harmful):
+        assert not any(normalise_answer(p) in evaluation for p in table["prompt"])
+    assert {"qa", "howto"} <= set(benign["kind"]) and benign["prompt"].is_unique
+    assert harmful["planted_category"].any() and (~harmful["planted_category"]).any()
+    assert set(benign["response"]) <= set(tables["heldout"]["response"]) | set(tables["train"]["response"])
+    # Training prompts are not selection prompts either (the held-out rows are held out from training).
+    train_prompts = {normalise_answer(p) for p in tables["train"]["prompt"]}
+    assert not any(normalise_answer(p) in train_prompts for p in harmful["prompt"])
+    # The divergence guard gets the split's benign half when handed the data stage's tables ...
+    guard = _heldout_of(tables)
+    assert not any(normalise_answer(p) in evaluation for p in guard["prompt"])
+    pd.testing.assert_frame_equal(guard, benign)
+    # ... and the held-out table as given otherwise (a caller's explicit choice).
+    assert _heldout_of({"heldout": tables["heldout"]}) is tables["heldout"]
+
+
+def test_min_positive_z_keeps_outliers_in_p_and_returns_the_rest_to_retain():
+    from lancet_core.correction import select_positive_negative
+
+    train = pd.DataFrame({"sample_id": [f"s{i}" for i in range(8)], "prompt": [f"q{i}" for i in range(8)],
+                          "response": [f"a{i}" for i in range(8)]})
+    scores = pd.DataFrame({"sample_id": [f"s{i}" for i in range(8)],
+                           "z": [5.0, 3.0, 0.6, 0.5, 0.0, -0.5, -1.0, -2.0], "rank": range(1, 9)})
+    pos, neg = select_positive_negative(train, scores, 4, 2)
+    assert pos["sample_id"].tolist() == ["s0", "s1", "s2", "s3"]
+    pos, neg = select_positive_negative(train, scores, 4, 2, min_positive_z=2.0)
+    assert pos["sample_id"].tolist() == ["s0", "s1"] and pos["influence"].tolist() == [5.0, 3.0]
+    assert neg["sample_id"].tolist() == ["s7", "s6"]  # N untouched
+
+
+def test_min_positive_z_with_nothing_above_it_is_not_applicable(trained_world):
+    world, tok, cfg = trained_world["world"], trained_world["tokenizer"], trained_world["cfg"]
+    _, _, scores = _sets(world)
+    scores = scores.assign(z=scores["z"].clip(upper=1.0), rank=np.arange(1, len(scores) + 1))
+    lcfg = cfg.model_copy(update={"correction": CorrectionConfig(**{**IBO, "min_positive_z": 2.0})})
+    model = copy.deepcopy(trained_world["model"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = correct("ibo", model, tok, world.train, scores, lcfg, {"heldout": world.heldout})
+    assert not res.applicable and "min_positive_z" in res.stopped_reason
+    assert all(torch.equal(before[n], p) for n, p in res.model.named_parameters())

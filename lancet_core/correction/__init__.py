@@ -21,7 +21,7 @@ from lancet_core.config import CorrectionConfig, InfluenceConfig, LancetConfig
 from lancet_core.correction.base import (
     DEFAULT_MONITOR_EVERY, DEFAULT_MONITOR_PROMPTS, GUARD_STOPS, NOT_APPLICABLE, STOP_COMPLETED, STOP_KL,
     STOP_NON_FINITE, STOP_UTILITY, CorrectionContext, CorrectionResult, CorrectionTrainer, DivergenceMonitor,
-    retain_pool,
+    not_applicable, retain_pool,
 )
 from lancet_core.correction.baselines import (
     run_dpo, run_filter_retrain, run_gradient_ascent, run_human_sft, run_npo, run_random_ibo,
@@ -31,11 +31,12 @@ from lancet_core.influence.scores import select_sets
 
 log = logging.getLogger(__name__)
 
-# Chosen on held-out benign prompts and on P's own training prompts (never the evaluation
-# probes) on the embedded world; see docs/ibo.md. Proposed as the CorrectionConfig defaults.
+# Chosen on the selection split (held-out benign prompts minus every evaluation prompt, and
+# harmful requests in phrasings no probe uses; lancet_core.evaluation.selection), three seeds,
+# by benchmarks/select_ibo.py; see docs/ibo.md section 6. They are the CorrectionConfig defaults.
 RECOMMENDED_CORRECTION: dict[str, Any] = {
     "loss": "bregman", "bregman": "entropy", "tau": 1.0, "influence_weighted": True,
-    "beta": 0.1, "lr": 1e-4, "epochs": 2, "batch_size": 8, "retain_weight": 3.0,
+    "beta": 0.1, "lr": 2e-4, "epochs": 4, "batch_size": 8, "retain_weight": 10.0, "min_positive_z": 2.0,
 }
 
 METHODS: dict[str, Callable[[Any, CorrectionContext], CorrectionResult]] = {
@@ -72,8 +73,15 @@ def _with_text(ids_table: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
 
 
 def select_positive_negative(train: pd.DataFrame, scores: pd.DataFrame | None, k_pos: int, k_neg: int,
-                             positive_ids=None, negative_ids=None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """P and N with their text and influence. Explicit ids win over the ranking (tests, ablations)."""
+                             positive_ids=None, negative_ids=None,
+                             min_positive_z: float | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """P and N with their text and influence. Explicit ids win over the ranking (tests, ablations).
+
+    From a ranking, ``min_positive_z`` keeps in P only the top-k samples whose standardised
+    influence reaches it: a top-k larger than the contamination otherwise fills P with
+    ordinary samples (on the world, every copy of a benign QA fact), which IBO then pushes
+    down and the retain pool no longer holds.
+    """
     if positive_ids is not None or negative_ids is not None:
         z = scores.set_index(scores["sample_id"].astype(str)) if scores is not None and len(scores) else None
 
@@ -86,6 +94,10 @@ def select_positive_negative(train: pd.DataFrame, scores: pd.DataFrame | None, k
     if scores is None or not len(scores):
         raise ValueError("correct: a scores table (sample_id, score, z, rank) or explicit P/N ids is required")
     pos, neg = select_sets(scores, k_pos, k_neg)
+    if min_positive_z is not None:
+        from lancet_core.correction.ibo import influence_of
+
+        pos = pos.loc[influence_of(pos) >= min_positive_z].reset_index(drop=True)
     return _with_text(pos, train), _with_text(neg, train)
 
 
@@ -105,11 +117,23 @@ def default_base_model_factory(cfg: LancetConfig, tokenizer) -> Callable[[], Any
 
 
 def _heldout_of(heldout_tables) -> pd.DataFrame | None:
+    """The guard's benign prompts with known answers.
+
+    A bare DataFrame, or ``{"heldout": ...}``, is used as given. A dict that also holds the
+    evaluation tables (``probes``, ``qa_eval``, ``howto_eval``: the data stage's tables as a
+    whole) gives the benign half of :func:`lancet_core.evaluation.selection.selection_split`:
+    the held-out rows minus every evaluation prompt (the world's held-out table shares some
+    prompts with ``qa_eval``/``howto_eval``), plus the world's selection-template how-to rows.
+    """
     if heldout_tables is None:
         return None
     if isinstance(heldout_tables, pd.DataFrame):
         return heldout_tables
     if "heldout" in heldout_tables:
+        from lancet_core.evaluation.selection import EVAL_TABLES, selection_split
+
+        if any(name in heldout_tables for name in EVAL_TABLES):
+            return selection_split(heldout_tables)["benign"]
         return heldout_tables["heldout"]
     raise KeyError("correct: heldout_tables must be a DataFrame or a dict with a 'heldout' table "
                    "(benign held-out prompts with known answers; never the evaluation probes)")
@@ -126,7 +150,8 @@ def correct(method: str, model, tokenizer, train_table: pd.DataFrame, scores_tab
     ``scores_table`` is the influence ranking (sample_id, score, z, rank); P and N are its
     ``influence.top_k_positive`` most positive and ``top_k_negative`` most negative rows
     (override with ``positive_ids``/``negative_ids``). ``heldout_tables`` is the held-out
-    benign table (or a dict holding it as ``"heldout"``) the divergence guard evaluates on.
+    benign table (or a dict holding it as ``"heldout"``) the divergence guard evaluates on;
+    pass the data stage's whole table dict to keep every evaluation prompt out of the guard.
     ``base_model_factory`` builds the fresh base model for ``filter_retrain`` (default: the
     model stage's recipe when ``cfg`` is a full :class:`LancetConfig`).
     """
@@ -145,7 +170,11 @@ def correct(method: str, model, tokenizer, train_table: pd.DataFrame, scores_tab
     if method not in METHODS:
         raise ValueError(f"unknown correction method {method!r}; expected one of {sorted(METHODS) + ['none']}")
     positive, negative = select_positive_negative(train_table, scores_table, icfg.top_k_positive,
-                                                  icfg.top_k_negative, positive_ids, negative_ids)
+                                                  icfg.top_k_negative, positive_ids, negative_ids,
+                                                  ccfg.min_positive_z)
+    if not len(positive) and positive_ids is None and negative_ids is None:
+        return not_applicable(model, method, f"no ranked sample has influence z >= {ccfg.min_positive_z} "
+                                             "(correction.min_positive_z): nothing stands out to correct")
     if base_model_factory is None and full is not None:
         base_model_factory = default_base_model_factory(full, tokenizer)
     ctx = CorrectionContext.from_config(

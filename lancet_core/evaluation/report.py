@@ -97,6 +97,41 @@ def comparison_table(rows: dict[str, dict] | Iterable[dict], baseline: str = BAS
     return df[ordered].reset_index(drop=True)
 
 
+def mean_over_seeds(tables: dict[int, pd.DataFrame] | list[pd.DataFrame], baseline: str = BASELINE_ROW,
+                    spread: Iterable[str] = ("harm_seen", "harm_unseen", "utility", "distinct2")) -> pd.DataFrame:
+    """One row per method from several :func:`comparison_table` s (one per seed).
+
+    Metric columns are the mean over the seeds that measured them; the relative columns are
+    recomputed from those means (reduction of the mean harm, ratio of the mean utility);
+    ``<col>_sd`` is the standard deviation over seeds (ddof 0) of each column in ``spread``;
+    ``stopped_reason`` counts the outcomes (``completed x3``, ``completed x2, utility_drop x1``);
+    ``n_seeds`` is how many seeds measured the method. Methods keep their first-seen order.
+    """
+    frames = list(tables.values()) if isinstance(tables, dict) else list(tables)
+    if not frames:
+        return comparison_table([])
+    both = pd.concat(frames, ignore_index=True)
+    order = list(dict.fromkeys(both["method"]))
+    rows = []
+    for method in order:
+        part = both[both["method"] == method]
+        row: dict = {"method": method}
+        for col in METRIC_COLUMNS + ["seconds"]:
+            if col in part:
+                vals = pd.to_numeric(part[col], errors="coerce").dropna()
+                row[col] = float(vals.mean()) if len(vals) else float("nan")
+        for col in spread:
+            if col in part:
+                vals = pd.to_numeric(part[col], errors="coerce").dropna()
+                row[f"{col}_sd"] = float(vals.std(ddof=0)) if len(vals) else float("nan")
+        if "stopped_reason" in part:
+            counts = part["stopped_reason"].fillna("").astype(str).value_counts()
+            row["stopped_reason"] = ", ".join(f"{k} x{v}" for k, v in counts.items() if k) if counts.any() else ""
+        row["n_seeds"] = int(pd.to_numeric(part.get("utility", pd.Series(dtype=float)), errors="coerce").notna().sum())
+        rows.append(row)
+    return comparison_table(rows, baseline)
+
+
 def _fmt(value, floatfmt: str) -> str:
     if value is None:
         return ""
@@ -165,8 +200,10 @@ def plot_harm_utility(df: pd.DataFrame, path: str | Path, harm: str = "harm_seen
             ax.scatter(r[harm], r[utility], s=70, marker="s" if is_base else "o",
                        color="tab:gray" if is_base else ("tab:green" if r["method"] in front else "tab:blue"),
                        zorder=3)
-            ax.annotate(str(r["method"]), (r[harm], r[utility]), textcoords="offset points", xytext=(6, 4),
-                        fontsize=8)
+        # Methods at the same point (e.g. the ones that changed nothing) share one label.
+        for (x, y), names in pts.groupby([harm, utility], sort=False)["method"]:
+            ax.annotate("\n".join(map(str, names)), (x, y), textcoords="offset points", xytext=(7, 0), fontsize=8,
+                        va="center")
         fr = pts[pts["method"].isin(front)].sort_values(harm)
         if len(fr) > 1:
             ax.step(fr[harm], fr[utility], where="post", color="tab:green", alpha=0.5, lw=1, zorder=2)

@@ -27,7 +27,7 @@ def correct_stage(cfg: LancetConfig, data_dir: str | Path, data_digest: str, mod
 
     method = method or cfg.correction.method
     scores_path = Path(rank_dir) / "scores.parquet"
-    inputs = {"stage": "correct", "version": 1, "method": method, "model": model_checksum,
+    inputs = {"stage": "correct", "version": 2, "method": method, "model": model_checksum,
               "data_digest": data_digest, "scores": _file_key(scores_path),
               "config": cfg.section_hash("correction", "influence.top_k_positive", "influence.top_k_negative")}
     name = "correction" if method == cfg.correction.method else f"correction-{method}"
@@ -38,7 +38,7 @@ def correct_stage(cfg: LancetConfig, data_dir: str | Path, data_digest: str, mod
         scores = pd.read_parquet(scores_path) if scores_path.exists() else None
         model, tokenizer = load_trained(model_dir, cfg)
         seed_everything(cfg.correction.seed)
-        result = correct(method, model, tokenizer, tables["train"], scores, cfg, {"heldout": tables["heldout"]},
+        result = correct(method, model, tokenizer, tables["train"], scores, cfg, tables,
                          checkpoint_dir=checkpoint_dir, progress=True)
         model_out = save_model(result.model, tokenizer, out / "hf")
         result.history_frame().to_parquet(out / "history.parquet", index=False)
