@@ -190,9 +190,7 @@ def prepare_queries(cfg: LancetConfig, model_dir: str, model_checksum: str, fit_
                     uri: str | None = None) -> dict:
     """Once: the preconditioned query gradients every scoring shard contracts against."""
     from lancet_core.influence.scores import ESTIMATOR_SUBDIR
-    from lancet_core.storage import read_manifest
-
-    from lancet_core.storage import file_sha256
+    from lancet_core.storage import file_sha256, read_manifest
 
     store = ShardStore(uri or storage_uri(cfg))
     key = content_key({"step": "queries", "model": model_checksum,
