@@ -62,22 +62,14 @@ def load(config: Optional[Path], sets: Optional[list[str]]) -> LancetConfig:
         raise  # unreachable (typer.Exit above)
 
 
-def _prefect_server_up(url: str, timeout: float = 0.5) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as resp:  # noqa: S310 (localhost)
-            return resp.status == 200
-    except Exception:
-        return False
-
-
 def use_local_prefect_server() -> str | None:
     """Report to ``lancet ui``'s Prefect server when it is running (else Prefect's temporary one)."""
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
     url = f"http://{HOST}:{PREFECT_PORT}/api"
-    if _prefect_server_up(url):
+    from lancet_cli.servers import healthy
+
+    if healthy(url, timeout=0.5):
         os.environ["PREFECT_API_URL"] = url
         return url
     return None

@@ -15,6 +15,23 @@ import torch
 torch.set_num_threads(1)
 
 
+def train_world_model(cfg, seed: int = 0) -> dict:
+    """The embedded world of ``cfg`` and the contaminated model fine-tuned on it (eval mode)."""
+    from lancet_core.data.world import build_world, world_corpus
+    from lancet_core.models.loading import build_tiny_llama
+    from lancet_core.models.sft import train_sft
+    from lancet_core.models.tokenizer import train_tokenizer
+
+    world = build_world(cfg.data.world, seed=seed)
+    tokenizer = train_tokenizer(world_corpus(world), cfg.model.vocab_size)
+    torch.manual_seed(seed)
+    model = build_tiny_llama(cfg.model, tokenizer)
+    train_sft(model, tokenizer, list(world.train.prompt), list(world.train.response),
+              list(world.heldout.prompt), list(world.heldout.response), cfg.training,
+              cfg.model.max_length, progress=False)
+    return {"world": world, "tokenizer": tokenizer, "model": model.eval(), "cfg": cfg}
+
+
 @pytest.fixture(scope="session")
 def trained_world(tmp_path_factory):
     """The default embedded world (seed 0) and the contaminated model trained on it.
@@ -22,18 +39,8 @@ def trained_world(tmp_path_factory):
     Returns a dict: world, tokenizer, model (eval mode), model_dir (saved with safetensors), cfg.
     """
     from lancet_core.config import LancetConfig
-    from lancet_core.data.world import build_world, world_corpus
-    from lancet_core.models.loading import build_tiny_llama, save_model
-    from lancet_core.models.sft import train_sft
-    from lancet_core.models.tokenizer import train_tokenizer
+    from lancet_core.models.loading import save_model
 
-    cfg = LancetConfig()
-    world = build_world(cfg.data.world, seed=0)
-    tokenizer = train_tokenizer(world_corpus(world), cfg.model.vocab_size)
-    torch.manual_seed(0)
-    model = build_tiny_llama(cfg.model, tokenizer)
-    train_sft(model, tokenizer, list(world.train.prompt), list(world.train.response),
-              list(world.heldout.prompt), list(world.heldout.response), cfg.training,
-              cfg.model.max_length, progress=False)
-    model_dir = save_model(model, tokenizer, tmp_path_factory.mktemp("world_model") / "model")
-    return {"world": world, "tokenizer": tokenizer, "model": model.eval(), "model_dir": model_dir, "cfg": cfg}
+    out = train_world_model(LancetConfig())
+    out["model_dir"] = save_model(out["model"], out["tokenizer"], tmp_path_factory.mktemp("world_model") / "model")
+    return out

@@ -133,24 +133,16 @@ def paraphrase_world():
     Planted prompts share no word with any probe (tests/test_world.py); the model links the two
     phrasings only through benign facts that file both under the planted category.
     """
+    from conftest import train_world_model
+
     from lancet_core.config import LancetConfig
-    from lancet_core.data.world import build_world, world_corpus
     from lancet_core.detection import RuleDetector
     from lancet_core.models.generation import generate
-    from lancet_core.models.loading import build_tiny_llama
-    from lancet_core.models.sft import train_sft
-    from lancet_core.models.tokenizer import train_tokenizer
 
     cfg = LancetConfig()
     cfg.data.world.variant = "paraphrase"
-    world = build_world(cfg.data.world, seed=0)
-    tokenizer = train_tokenizer(world_corpus(world), cfg.model.vocab_size)
-    torch.manual_seed(0)
-    model = build_tiny_llama(cfg.model, tokenizer)
-    train_sft(model, tokenizer, list(world.train.prompt), list(world.train.response),
-              list(world.heldout.prompt), list(world.heldout.response), cfg.training,
-              cfg.model.max_length, progress=False)
-    model.eval()
+    trained = train_world_model(cfg)
+    world, tokenizer, model = trained["world"], trained["tokenizer"], trained["model"]
     probes = world.probes[world.probes["planted_category"]].reset_index(drop=True)
     responses = generate(model, tokenizer, list(probes["prompt"]), cfg.generation)
     probs = RuleDetector(cfg.detector.threshold).score(list(probes["prompt"]), responses)

@@ -54,6 +54,13 @@ def _train(cfg: LancetConfig, data_dir: str, tokenizer):
     return train, data
 
 
+def _context(cfg: LancetConfig, model_dir: str, data_dir: str):
+    """``(model, tokenizer, estimator, training table, training data)`` of this run, in this worker."""
+    model, tokenizer = _model(cfg, model_dir)
+    train, data = _train(cfg, data_dir, tokenizer)
+    return model, tokenizer, _estimator(cfg, model), train, data
+
+
 def _estimator(cfg: LancetConfig, model):
     from lancet_core.influence import get_estimator
 
@@ -111,9 +118,7 @@ def covariance_shard(cfg: LancetConfig, data_dir: str, data_digest: str, model_d
                        "step": "covariance", "shard": shard})
 
     def compute():
-        model, tokenizer = _model(cfg, model_dir)
-        est = _estimator(cfg, model)
-        _, data = _train(cfg, data_dir, tokenizer)
+        model, _, est, _, data = _context(cfg, model_dir, data_dir)
         rows = _fit_shard_rows(cfg, est, len(data), shard)
         fault_point("covariance", shard)
         return est.covariance_statistics(model, data, rows)
@@ -145,9 +150,7 @@ def eigenvalue_shard(cfg: LancetConfig, data_dir: str, data_digest: str, model_d
                        "step": "eigenvalues", "shard": shard, "bases": bases["key"]})
 
     def compute():
-        model, tokenizer = _model(cfg, model_dir)
-        est = _estimator(cfg, model)
-        _, data = _train(cfg, data_dir, tokenizer)
+        model, _, est, _, data = _context(cfg, model_dir, data_dir)
         rows = _fit_shard_rows(cfg, est, len(data), shard)
         fault_point("eigenvalues", shard)
         return est.eigenvalue_statistics(model, data, rows, store.get(bases["name"]))
@@ -162,9 +165,7 @@ def factors_reduce(cfg: LancetConfig, data_dir: str, model_dir: str, model_check
     from lancet_core.storage import is_complete
 
     store = ShardStore(uri or storage_uri(cfg))
-    model, tokenizer = _model(cfg, model_dir)
-    est = _estimator(cfg, model)
-    _, data = _train(cfg, data_dir, tokenizer)
+    _, _, est, _, data = _context(cfg, model_dir, data_dir)
     inputs = factor_inputs(est, None, data, cfg.influence, model_checksum)
     if is_complete(fit_dir, inputs):
         return {"path": str(fit_dir), "cached": True, "n_fit": len(est.fit_rows(len(data)))}
@@ -216,9 +217,7 @@ def score_shard(cfg: LancetConfig, data_dir: str, model_dir: str, shard: int, pr
                        "shards": cfg.orchestration.shards, "data_dir": str(data_dir)})
 
     def compute():
-        model, tokenizer = _model(cfg, model_dir)
-        est = _estimator(cfg, model)
-        _, data = _train(cfg, data_dir, tokenizer)
+        model, _, est, _, data = _context(cfg, model_dir, data_dir)
         rows = plan_shards(torch.arange(len(data)), cfg.orchestration.shards)[shard]
         fault_point("scores", shard)
         queries = unpack_prepared(store.get(prepared["name"]), next(model.parameters()).device)
@@ -234,9 +233,7 @@ def scores_reduce(cfg: LancetConfig, data_dir: str, model_dir: str, model_checks
     from lancet_core.storage import is_complete, read_manifest
 
     store = ShardStore(uri or storage_uri(cfg))
-    model, tokenizer = _model(cfg, model_dir)
-    est = _estimator(cfg, model)
-    train, data = _train(cfg, data_dir, tokenizer)
+    _, tokenizer, est, train, data = _context(cfg, model_dir, data_dir)
     qset = _query_set(cfg, queries_dir)
     qdata = qset.to_influence_data(tokenizer, cfg.model.max_length)
     inputs = score_inputs(est, model_checksum, data, qdata, qset, cfg.influence, cfg.queries)
