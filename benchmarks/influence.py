@@ -56,7 +56,9 @@ from lancet_core.queries import QuerySet, build_queries
 ALL_METHODS = ["linfac", "ekfac", "kfac", "identity", "tfidf", "kronfluence"]
 # On request only: TF-IDF on the prompts alone (the default tfidf reads prompt + response).
 # In the paraphrase world it shows what lexical retrieval finds without the response's words.
-EXTRA_METHODS = ["tfidf_prompt"]
+EXTRA_METHODS = ["tfidf_prompt", "linfac_refine", "ekfac_refine"]
+# ``<method>_refine``: the fitted factors precondition --refine-steps conjugate-gradient steps
+# toward the exact damped GGN (influence.refine_steps; lancet_core/influence/refine.py).
 # --scale measures cost only: our two Kronecker methods against kronfluence (K-FAC is EK-FAC's
 # passes minus one, identity is every method's scoring pass; --methods adds them back). This
 # keeps the sweep near 10 min of one CPU core (measured: 702 CPU s with all five methods).
@@ -257,8 +259,11 @@ def run_method(method: str, model, train: InfluenceData, queries: InfluenceData,
                 if method == "tfidf_prompt":
                     from lancet_core.influence.tfidf import TfidfEstimator
                     est = TfidfEstimator(icfg, text="prompt")
+                elif method.endswith("_refine"):
+                    est = get_estimator(icfg.model_copy(update={"method": method.removesuffix("_refine"),
+                                                                "refine_steps": icfg.refine_steps}))
                 else:
-                    est = get_estimator(icfg.model_copy(update={"method": method}))
+                    est = get_estimator(icfg.model_copy(update={"method": method, "refine_steps": 0}))
                 started = time.perf_counter()
                 if est.needs_fit:
                     est.fit(model, train)
@@ -428,6 +433,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=None, help="training samples (default: the world's 2000)")
     p.add_argument("--max-queries", type=int, default=None, help="cap on influence queries")
     p.add_argument("--fit-samples", type=int, default=None, help="fit factors on a subset of this size")
+    p.add_argument("--refine-steps", type=int, default=5, help="CG steps of the *_refine methods")
+    p.add_argument("--refine-samples", type=int, default=64, help="sequences whose exact GGN *_refine solves with")
     p.add_argument("--scale", action="store_true", help="sweep training-set size and model width (cost only)")
     p.add_argument("--scale-sizes", type=int, nargs="+", default=[500, 1000, 2000, 4000])
     p.add_argument("--scale-widths", type=int, nargs="+", default=[64, 128, 256])
@@ -463,7 +470,8 @@ def main(argv=None) -> dict:
     # kronfluence included): the whole comparison in < 3 min on 2 idle cores.
     n_train = args.n_train or (QUICK["n_train"] if args.quick else None)
     max_queries = args.max_queries
-    icfg = InfluenceConfig(fit_samples=args.fit_samples or (QUICK["fit_samples"] if args.quick else None))
+    icfg = InfluenceConfig(fit_samples=args.fit_samples or (QUICK["fit_samples"] if args.quick else None),
+                           refine_steps=args.refine_steps, refine_samples=args.refine_samples)
     report: dict = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                     "peak_memory": "peak RSS above the pre-method level, sampled every 5 ms (psutil); "
                                    "peak_cuda_mb = torch.cuda.max_memory_allocated on CUDA"}

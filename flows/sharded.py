@@ -45,7 +45,7 @@ def sharded_influence(cfg: LancetConfig, data_dir: str, data_digest: str, model_
     fit = T.factors(cfg, data_dir, model_dir, model_checksum, fit_dir, bases, lam, uri, fit_s)
 
     started = time.time()
-    prepared = T.prepare_queries(cfg, model_dir, model_checksum, fit_dir, queries_dir, uri)
+    prepared = T.prepare_queries(cfg, data_dir, data_digest, model_dir, model_checksum, fit_dir, queries_dir, uri)
     parts = [T.score_shard.submit(cfg, data_dir, model_dir, k, prepared, uri) for k in range(plan["score_shards"])]
     parts = [f.result() for f in parts]
     score_s = round(time.time() - started, 3)

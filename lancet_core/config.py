@@ -125,9 +125,22 @@ class InfluenceConfig(_Section):
         "bfloat16", description="LinFAC keeps the fit pass's gradients for the eigenvalue correction in this dtype "
                                 "(float32: exactly a second pass's result; bfloat16: half the memory, <1% off).")
     query_rank: int | None = Field(None, ge=1, description="Low-rank approximation of the preconditioned queries.")
+    refine_steps: int = Field(
+        0, ge=0, description="Conjugate-gradient steps toward the exact damped-GGN inverse, the fitted factors as "
+                             "preconditioner (linfac/ekfac/kfac; 0 = the Kronecker approximation alone). Each step "
+                             "costs one Gauss-Newton-vector product per query over refine_samples sequences.")
+    refine_samples: int | None = Field(
+        64, ge=1, description="Fit sequences whose exact GGN the refinement solves with; None = all fit sequences.")
     top_k_positive: int = Field(80, ge=1, description="Size of P (most harmful).")
     top_k_negative: int = Field(80, ge=1, description="Size of N (most inhibiting).")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _refine_needs_factors(self) -> "InfluenceConfig":
+        if self.refine_steps and self.method in ("identity", "tfidf"):
+            raise ValueError(f"influence.refine_steps: the refinement preconditions with fitted Kronecker factors; "
+                             f"method {self.method!r} has none (use linfac, ekfac or kfac, or refine_steps=0)")
+        return self
 
 
 class CorrectionConfig(_Section):

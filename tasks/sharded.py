@@ -50,9 +50,9 @@ def factors(cfg: LancetConfig, data_dir: str, model_dir: str, model_checksum: st
 
 
 @task(name="lancet-score-queries", **_REDUCE)
-def prepare_queries(cfg: LancetConfig, model_dir: str, model_checksum: str, fit_dir: str, queries_dir: str,
-                    uri: str) -> dict:
-    return sharded.prepare_queries(cfg, model_dir, model_checksum, fit_dir, queries_dir, uri)
+def prepare_queries(cfg: LancetConfig, data_dir: str, data_digest: str, model_dir: str, model_checksum: str,
+                    fit_dir: str, queries_dir: str, uri: str) -> dict:
+    return sharded.prepare_queries(cfg, data_dir, data_digest, model_dir, model_checksum, fit_dir, queries_dir, uri)
 
 
 @task(name="lancet-score-shard", task_run_name="score[{shard}]", **_MAP)

@@ -314,7 +314,11 @@ def _rescore_top(cfg: LancetConfig, ids: list[str], model_dir: str, fit_dir: str
                                      cfg.model.max_length)
     qdata = InfluenceData.from_texts(tokenizer, queries["query_id"].astype(str).tolist(),
                                      queries["prompt"].tolist(), queries["response"].tolist(), cfg.model.max_length)
-    matrix = est.score(model, qdata, tdata, progress=False)
+    curvature = None
+    if cfg.influence.refine_steps:  # the refinement solves with the training data's GGN, not the top rows'
+        curvature = InfluenceData.from_texts(tokenizer, train["sample_id"].astype(str).tolist(), train["prompt"].tolist(),
+                                             train["response"].tolist(), cfg.model.max_length)
+    matrix = est.score(model, qdata, tdata, progress=False, curvature=curvature)
     matrix = matrix.detach().cpu().double().numpy() if hasattr(matrix, "detach") else np.asarray(matrix, float)
     # Each query's row divided by its largest |score| (sign kept), so one large-norm query does not dominate.
     scale = np.abs(matrix).max(axis=1, keepdims=True)

@@ -5,6 +5,9 @@
   exact damped-GGN influence of its own virtual parameters: equal to the EK-FAC of the exact
   GGN (Spearman >= 0.95), better than gradient dot products, short of the exact GGN itself
   (Spearman ~0.5-0.7: the Kronecker-diagonal approximation of each block; docs/linfac.md 8);
+* the CG refinement (``influence.refine_steps``): its GGN-vector products equal the exact GGN
+  times v, and preconditioned by the fitted factors it reaches Spearman >= 0.9 against the
+  exact damped-GGN influence (EK-FAC in 10-15 steps, LinFAC in 5);
 * one SGD / preconditioned step on a training sample moves log p(query) by lr x score;
 * low-rank queries, both score contractions, save -> load, fit variants.
 """
@@ -559,3 +562,108 @@ def test_fit_subset_and_registry(tiny_world):
         assert get_estimator(name).name == name
     with pytest.raises(RuntimeError, match="fit"):
         get_estimator("ekfac").score(model, queries, train)
+
+
+# ---------------------------------------------------------------------------- CG refinement toward the exact GGN
+def test_ggn_vector_products_equal_the_exact_ggn(exact_setup, exact_linear, exact_virtual):
+    """The refinement's Gauss-Newton-vector products (forward-mode ``J v``, softmax curvature, hooked
+    ``J^T``) equal the explicitly built exact GGN times ``v``, in both parameterisations, with padding
+    (the 200 sequences have 2-4 token prompts in one batch) and several directions per pass."""
+    from lancet_core.influence.refine import ggn_vector_products
+
+    model, train, _ = exact_setup
+    for method, (_, _, ggn) in (("ekfac", exact_linear), ("linfac", exact_virtual)):
+        est = get_estimator(InfluenceConfig(method=method))
+        maps = est._bind(model)
+        torch.manual_seed(1)
+        V = [torch.randn(len(g.indices), 3, g.d_out, g.cols) for g in est.groups]
+        for batch_rows in (600, 7):  # one pass with all 200 x 3 rows; many small passes
+            GV = ggn_vector_products(model, maps, est.groups, train.encoded, V, batch_rows)
+            got, want = flat_by_map(GV, maps, est.groups), flat_by_map(V, maps, est.groups) @ ggn
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * want.abs().max().item())
+        assert model.config._attn_implementation == "eager"  # the fixture's choice is restored
+
+
+@pytest.mark.parametrize("method,steps", [("ekfac", 10), ("linfac", 5)])
+def test_refined_influence_reaches_the_exact_damped_ggn(method, steps, exact_setup, exact_linear, exact_virtual):
+    """``influence.refine_steps``: CG on ``(G + lambda I) x = v`` preconditioned by the fitted factors
+    converges to the exact damped-GGN influence. Same setup as the test above (trained tiny Llama,
+    200 sequences, one damping, 16 queries): EK-FAC 0.49 -> 0.96 after 10 steps, LinFAC 0.73 -> 0.97
+    after 5 (measured); one step ranks exactly as the plain estimator (a per-query rescale of it)."""
+    model, train, queries = exact_setup
+    g_query, g_train, ggn = exact_linear if method == "ekfac" else exact_virtual
+    damping = 0.1 * ggn.trace().item() / len(ggn)
+    exact = damped_solve(ggn, damping, g_query, g_train).float()
+    base = InfluenceConfig(method=method, damping=damping, batch_size=64, seed=0, refine_samples=None)
+    est = get_estimator(base)
+    est.fit(model, repeated(train, 16))
+    plain = est.score(model, queries, train)
+    rho = {}
+    for k in (1, 3, steps):
+        est.cfg = base.model_copy(update={"refine_steps": k})
+        refined = est.score(model, queries, train)
+        rho[k] = spearman_report(refined, exact)
+        if k == 1:
+            for r, p in zip(refined, plain):
+                assert spearmanr(r, p)[0] > 0.9999
+        assert est.stats["refine"]["sequences"] == len(train) and len(est.stats["refine"]["max_relative_residual"]) == k + 1
+    print(f"{method} refined vs exact damped GGN (per-query mean, pooled) by steps: {rho}, plain "
+          f"{spearman_report(plain, exact)}")
+    assert rho[1][0] < rho[3][0] < rho[steps][0]
+    assert min(rho[steps]) >= 0.9
+    history = est.stats["refine"]["max_relative_residual"]
+    assert history[-1] < 0.5 * history[1]
+
+
+def test_refined_ekfac_on_the_mlp_and_the_preconditioner_matters(trained_mlp):
+    """On the MLP (exact factors, exact GGN as the operator): EK-FAC-preconditioned CG reaches
+    Spearman >= 0.9 against the exact damped-GGN influence within 15 steps, and plain CG (no
+    preconditioner) is further from it after the same number of steps."""
+    from lancet_core.influence.refine import conjugate_gradients
+
+    mlp, X, y, maps, groups, ggn = trained_mlp
+    eig, lam = exact_fisher_factors(mlp, maps, groups, X[:N_FIT])
+    damping = 0.1 * ggn.trace().item() / len(ggn)
+    factors = build_factors(eig, lam, damping, 0.1)
+    blocks = map_blocks(maps, groups)
+
+    def per_sample(rows):
+        with ActivationRecorder(mlp, maps) as rec:
+            logits = rec.record(lambda: mlp(X[rows].clone().requires_grad_(True)), torch.ones(len(X[rows]), 1))
+            pairs = rec.gradients(torch.log_softmax(logits, -1)[:, 0].gather(1, y[rows, None]).sum())
+            return [sequence_gradients(*grp.stack(pairs)) for grp in groups]
+
+    gq, gtr = per_sample(slice(N_FIT, N_FIT + N_QUERY)), per_sample(slice(0, N_FIT))
+    Gt = flat_by_map(gtr, maps, groups)
+    exact = damped_solve(ggn, damping, flat_by_map(gq, maps, groups), Gt).float()
+
+    def apply_a(V):  # the exact damped GGN as an operator on per-group blocks
+        flat = flat_by_map(V, maps, groups) @ (ggn + damping * torch.eye(len(ggn), dtype=torch.float64))
+        out = [torch.zeros_like(v) for v in V]
+        for m, gi, j, sl in blocks:
+            out[gi][j] = flat[:, sl].reshape(-1, m.d_out, m.cols).to(out[gi].dtype)
+        return out
+
+    def influence(precondition, steps):
+        X_, _ = conjugate_gradients(apply_a, precondition, gq, steps)
+        return (flat_by_map(X_, maps, groups) @ Gt.T).float()
+
+    ekfac = lambda R: [factors[k].precondition(r) for k, r in enumerate(R)]  # noqa: E731
+    rho_pcg, rho_cg = spearman_report(influence(ekfac, 15), exact), spearman_report(influence(lambda R: R, 15), exact)
+    print(f"MLP, 15 CG steps vs exact damped GGN: EK-FAC-preconditioned {rho_pcg}, unpreconditioned {rho_cg}")
+    assert min(rho_pcg) >= 0.9
+    assert rho_pcg[0] > rho_cg[0]
+
+
+def test_refinement_needs_factors_and_training_data(tiny_world):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="influence.refine_steps|refine_steps"):
+        InfluenceConfig(method="identity", refine_steps=3)
+    model, train, queries = tiny_world
+    est = get_estimator(InfluenceConfig(method="linfac", refine_steps=2, refine_samples=5, batch_size=8))
+    est.fit(model, train)
+    with pytest.raises(ValueError, match="refine_steps=2 needs the training data"):
+        est.prepare_queries(model, queries)
+    scores = est.score(model, queries, train)
+    assert est.stats["refine"]["sequences"] == 5 and torch.isfinite(scores).all()

@@ -208,3 +208,26 @@ def test_tfidf_estimator_shape_and_lexical_match(tiny_setup, tmp_path):
                                   InfluenceData.from_texts(tok, list(train.sample_id), list(train.prompt),
                                                            list(train.response), 64))
     assert m.shape == (2, 30) and (m >= 0).all() and m.max() <= 1.0 + 1e-6
+
+
+def test_refinement_reuses_the_factors_and_records_its_residuals(tiny_setup, tmp_path):
+    """Switching ``influence.refine_steps`` on re-scores with the saved factors (a scoring-only
+    setting, never a refit) and keeps CG's residual history in the scores manifest."""
+    import transformers as T
+
+    from lancet_core.storage import read_manifest
+
+    train, tok, queries = tiny_setup
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                             pad_token_id=tok.pad_token_id)).eval()
+    plain_cfg = InfluenceConfig(method="linfac", batch_size=8, top_k_positive=3, top_k_negative=3)
+    plain = run_ranking(model, tok, train, queries, plain_cfg, tmp_path, progress=False)
+    refined_cfg = plain_cfg.model_copy(update={"refine_steps": 3, "refine_samples": 10})
+    refined = run_ranking(model, tok, train, queries, refined_cfg, tmp_path, progress=False)
+    assert refined.reused_factors and not refined.reused_scores
+    refine = read_manifest(refined.scores_dir)["refine"]
+    assert refine["steps"] == 3 and refine["sequences"] == 10 and len(refine["max_relative_residual"]) == 4
+    assert refine["max_relative_residual"][-1] < refine["max_relative_residual"][1]
+    assert not np.allclose(refined.table.sort_values("sample_id")["score"], plain.table.sort_values("sample_id")["score"])

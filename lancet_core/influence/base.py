@@ -64,8 +64,12 @@ class InfluenceEstimator(ABC):
         """Compute and keep the curvature factors."""
 
     @abstractmethod
-    def score(self, model, queries: InfluenceData, train: InfluenceData, progress: bool = False) -> torch.Tensor:
-        """Influence matrix ``[n_queries, n_train]`` under the module's sign convention."""
+    def score(self, model, queries: InfluenceData, train: InfluenceData, progress: bool = False,
+              curvature: InfluenceData | None = None) -> torch.Tensor:
+        """Influence matrix ``[n_queries, n_train]`` under the module's sign convention.
+
+        ``curvature``: training data for curvature computed at scoring time (the CG refinement);
+        default ``train``. Estimators without one ignore it."""
 
     def save(self, path: str | Path) -> None:
         """Write the fitted factors (safetensors) into the folder ``path``."""

@@ -461,17 +461,54 @@ class KroneckerEstimator(InfluenceEstimator):
         if self.needs_fit and self.factors is None:
             raise RuntimeError(f"{self.name}: call fit() or load() before score()")
 
-    def prepare_queries(self, model, queries: InfluenceData) -> list:
-        """Preconditioned query gradients per group (dense, or ``(L, R)`` with ``query_rank``)."""
+    def prepare_queries(self, model, queries: InfluenceData, curvature: InfluenceData | None = None,
+                        progress: bool = False) -> list:
+        """Preconditioned query gradients per group (dense, or ``(L, R)`` with ``query_rank``).
+
+        With ``refine_steps`` the preconditioning is refined toward the exact damped GGN of
+        ``curvature``'s fit rows (``refine.py``); ``curvature`` is then required.
+        """
         self._check_fitted()
         maps = self._bind(model)
         if self.factors is not None:
             self.factors = [f.to(self._device(model)) for f in self.factors]
-        prepared = []
-        for k, G in enumerate(self.query_gradients(model, queries, maps)):
-            M = self.precondition(k, G)
-            prepared.append(low_rank(M, self.cfg.query_rank) if self.cfg.query_rank else M)
-        return prepared
+        grads = self.query_gradients(model, queries, maps)
+        if self.cfg.refine_steps:
+            M_all = self.refined(model, maps, grads, curvature, progress)
+        else:
+            M_all = [self.precondition(k, G) for k, G in enumerate(grads)]
+        return [low_rank(M, self.cfg.query_rank) if self.cfg.query_rank else M for M in M_all]
+
+    def refine_rows(self, n: int) -> torch.Tensor:
+        """Curvature rows of the refinement: ``refine_samples`` of the fit rows (seeded), or all of them."""
+        rows = self.fit_rows(n)
+        k = self.cfg.refine_samples
+        if k is None or k >= len(rows):
+            return rows
+        pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.cfg.seed + 1))[:k]
+        return rows[pick.sort().values]
+
+    def refined(self, model, maps, grads: list[torch.Tensor], curvature: InfluenceData | None,
+                progress: bool = False) -> list[torch.Tensor]:
+        """``(G + D)^{-1} v`` for each query gradient by CG, the factors as preconditioner (``refine.py``)."""
+        from lancet_core.influence.refine import conjugate_gradients, ggn_vector_products
+
+        if curvature is None:
+            raise ValueError(f"{self.name}: influence.refine_steps={self.cfg.refine_steps} needs the training data "
+                             "whose exact GGN it solves with (pass curvature=...)")
+        data = curvature.subset(self.refine_rows(len(curvature))).encoded
+        damping = [f.damping.float()[:, None, None, None] for f in self.factors]
+
+        def apply_a(V):
+            # 4x the batch: these passes hold no per-sequence gradients (measured 6 % faster than 1x)
+            GV = ggn_vector_products(model, maps, self.groups, data, V, 4 * self.cfg.batch_size)
+            return [gv + d * v for gv, d, v in zip(GV, damping, V)]
+
+        X, history = conjugate_gradients(apply_a, lambda R: [self.precondition(k, r) for k, r in enumerate(R)],
+                                         grads, self.cfg.refine_steps, progress)
+        self.stats["refine"] = {"steps": self.cfg.refine_steps, "sequences": len(data),
+                                "max_relative_residual": history}
+        return X
 
     def score_prepared(self, model, prepared: list, train: InfluenceData, progress: bool = False) -> torch.Tensor:
         """``[n_queries, n_train]`` scores of prepared queries: one forward/backward per training batch."""
@@ -489,8 +526,11 @@ class KroneckerEstimator(InfluenceEstimator):
                 scores[:, pos.to(device)] = part
         return scores.cpu()
 
-    def score(self, model, queries: InfluenceData, train: InfluenceData, progress: bool = False) -> torch.Tensor:
-        return self.score_prepared(model, self.prepare_queries(model, queries), train, progress)
+    def score(self, model, queries: InfluenceData, train: InfluenceData, progress: bool = False,
+              curvature: InfluenceData | None = None) -> torch.Tensor:
+        """Scores of ``queries`` against ``train``; a refinement solves with ``curvature`` (default: ``train``)."""
+        prepared = self.prepare_queries(model, queries, train if curvature is None else curvature, progress)
+        return self.score_prepared(model, prepared, train, progress)
 
     # -- persistence ----------------------------------------------------------------------
     def _manifest_extra(self) -> dict:

@@ -180,12 +180,10 @@ def sampled_logprob(logits: torch.Tensor, labels: torch.Tensor, generator: torch
 
 
 @contextmanager
-def additive_deltas(maps: list[TrackedMap], deltas: list[torch.Tensor]) -> Iterator[None]:
-    """Perturb each map as ``s_t <- s_t + dW a_t`` (``dW: [d_out, cols]``, bias column last).
-
-    At ``dW = 0`` the model is unchanged and ``d f / d dW = sum_t g_t a_t^T``: autograd through
-    these deltas is the ground truth for the hooks (and defines LinFAC's virtual parameters).
-    """
+def perturbed_outputs(maps: list[TrackedMap], bump) -> Iterator[None]:
+    """Replace each map's output ``s`` by ``s + bump(k, a, s)``, ``a`` its input with the bias column
+    appended when the map has one. The shared hook plumbing of :func:`additive_deltas` and the
+    refinement's forward-mode tangents."""
     captured: dict[int, torch.Tensor] = {}
     handles = []
 
@@ -193,10 +191,9 @@ def additive_deltas(maps: list[TrackedMap], deltas: list[torch.Tensor]) -> Itera
         a = captured.pop(k)
         if maps[k].has_bias:
             a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-        bump = a.to(deltas[k].dtype) @ deltas[k].T
-        if isinstance(out, (tuple, list)):
-            return type(out)([out[0] + bump.to(out[0].dtype), *out[1:]])
-        return out + bump.to(out.dtype)
+        s = first_tensor(out)
+        s = s + bump(k, a, s)
+        return type(out)([s, *out[1:]]) if isinstance(out, (tuple, list)) else s
 
     for k, m in enumerate(maps):
         if m.a_from_output:
@@ -211,3 +208,12 @@ def additive_deltas(maps: list[TrackedMap], deltas: list[torch.Tensor]) -> Itera
     finally:
         for h in handles:
             h.remove()
+
+
+def additive_deltas(maps: list[TrackedMap], deltas: list[torch.Tensor]):
+    """Perturb each map as ``s_t <- s_t + dW a_t`` (``dW: [d_out, cols]``, bias column last).
+
+    At ``dW = 0`` the model is unchanged and ``d f / d dW = sum_t g_t a_t^T``: autograd through
+    these deltas is the ground truth for the hooks (and defines LinFAC's virtual parameters).
+    """
+    return perturbed_outputs(maps, lambda k, a, s: (a.to(deltas[k].dtype) @ deltas[k].T).to(s.dtype))

@@ -26,6 +26,6 @@ class IdentityEstimator(KroneckerEstimator):
     def precondition(self, k: int, V: torch.Tensor) -> torch.Tensor:
         return V
 
-    def score(self, model, queries, train, progress: bool = False) -> torch.Tensor:
+    def score(self, model, queries, train, progress: bool = False, curvature=None) -> torch.Tensor:
         self.map_names = None  # no factors tie it to one model
         return super().score(model, queries, train, progress)

@@ -57,7 +57,7 @@ PREVIEW_CHARS = 80
 # Fields of InfluenceConfig that change neither the factors nor the scores.
 _SELECTION_ONLY = {"top_k_positive", "top_k_negative"}
 # Fields that change the scores but not the fitted factors.
-_SCORING_ONLY = {"query_rank"}
+_SCORING_ONLY = {"query_rank", "refine_steps", "refine_samples"}
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -375,7 +375,12 @@ def run_ranking(
     timings = {"score_s": round(score_s, 3)}
     if fitted is not None:
         timings["load_s" if fitted.reused else "fit_s"] = round(fitted.seconds, 3)
+    refine = getattr(est, "stats", {}).get("refine") if cfg.refine_steps else None
+    if refine:  # how far CG got toward the exact damped GGN, kept beside the scores
+        log.info("influence: %d refinement steps over %d sequences, largest relative residual %.3g -> %.3g",
+                 refine["steps"], refine["sequences"], refine["max_relative_residual"][1],
+                 refine["max_relative_residual"][-1])
     table, metrics = finish_ranking(est, matrix, train, train_data, qset, query_cfg, scores_dir, inputs, timings,
-                                    labels)
+                                    labels, extra={"refine": refine} if refine else None)
     return RankingResult(table, scores_dir, factors_dir if est.needs_fit else None, metrics, timings,
                          reused_factors=fitted is not None and fitted.reused)

@@ -38,7 +38,8 @@ class TfidfEstimator(InfluenceEstimator):
     def fit(self, model, train: InfluenceData) -> None:
         """Nothing to fit: the vocabulary and IDF come from the training texts at score time."""
 
-    def score(self, model, queries: InfluenceData, train: InfluenceData, progress: bool = False) -> torch.Tensor:
+    def score(self, model, queries: InfluenceData, train: InfluenceData, progress: bool = False,
+              curvature: InfluenceData | None = None) -> torch.Tensor:
         if len(queries) == 0 or len(train) == 0:
             return torch.zeros(len(queries), len(train))
         # Single-character tokens matter here ("Step 1", "[FRAUD-1 ITEM]"), so the default

@@ -187,24 +187,32 @@ def _query_set(cfg: LancetConfig, queries_dir: str):
     return load_query_set(pd.read_parquet(Path(queries_dir) / QUERIES_FILE), cfg.queries)
 
 
-def prepare_queries(cfg: LancetConfig, model_dir: str, model_checksum: str, fit_dir: str, queries_dir: str,
-                    uri: str | None = None) -> dict:
-    """Once: the preconditioned query gradients every scoring shard contracts against."""
+def prepare_queries(cfg: LancetConfig, data_dir: str, data_digest: str, model_dir: str, model_checksum: str,
+                    fit_dir: str, queries_dir: str, uri: str | None = None) -> dict:
+    """Once: the preconditioned query gradients every scoring shard contracts against.
+
+    With ``influence.refine_steps`` this is also where the CG refinement runs (it needs the
+    training data's exact GGN, a few dozen sequences by default), so shards stay a plain map.
+    """
     from lancet_core.influence.scores import ESTIMATOR_SUBDIR
     from lancet_core.storage import file_sha256, read_manifest
 
     store = ShardStore(uri or storage_uri(cfg))
+    icfg = cfg.influence
+    refine = ({"steps": icfg.refine_steps, "samples": icfg.refine_samples, "data": data_digest}
+              if icfg.refine_steps else None)
     key = content_key({"step": "queries", "model": model_checksum,
                        "factors": (read_manifest(fit_dir) or {}).get("files"),
                        "queries": file_sha256(Path(queries_dir) / QUERIES_FILE),
-                       "query_rank": cfg.influence.query_rank, "max_length": cfg.model.max_length})
+                       "query_rank": icfg.query_rank, "max_length": cfg.model.max_length, "refine": refine})
 
     def compute():
         model, tokenizer = _model(cfg, model_dir)
         est = _estimator(cfg, model)
         est.load(Path(fit_dir) / ESTIMATOR_SUBDIR)
         qdata = _query_set(cfg, queries_dir).to_influence_data(tokenizer, cfg.model.max_length)
-        return pack_prepared(est.prepare_queries(model, qdata))
+        curvature = _train(cfg, data_dir, tokenizer)[1] if icfg.refine_steps else None
+        return pack_prepared(est.prepare_queries(model, qdata, curvature))
 
     return _timed("scores/queries", key, store, compute)
 
