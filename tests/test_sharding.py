@@ -29,9 +29,10 @@ def small(trained_world):
 
 def sharded_fit(est, model, data, n_shards):
     rows = est.fit_rows(len(data))
-    cov = sum_statistics([est.covariance_statistics(model, data, r) for r in plan_shards(rows, n_shards)])
+    cov = sum_statistics([est.covariance_statistics(model, data.subset(r), r) for r in plan_shards(rows, n_shards)])
     bases = est.eigenbases_from(cov)
-    lam = (sum_statistics([est.eigenvalue_statistics(model, data, r, bases) for r in plan_shards(rows, n_shards)])
+    lam = (sum_statistics([est.eigenvalue_statistics(model, data.subset(r), r, bases)
+                          for r in plan_shards(rows, n_shards)])
            if est.eigenvalue_correction else None)
     est.finish_fit(bases, lam)
     return est
@@ -55,8 +56,8 @@ def test_sharded_fit_and_scores_equal_one_process(method, small):
     # within their subspace under 1e-7 perturbations, so Q is not compared entry by entry; the
     # scores below are what those factors are for.)
     rows = single.fit_rows(len(data))
-    whole = single.covariance_statistics(model, data, rows)
-    summed = sum_statistics([sharded.covariance_statistics(model, data, r) for r in plan_shards(rows, 3)])
+    whole = single.covariance_statistics(model, data.subset(rows), rows)
+    summed = sum_statistics([sharded.covariance_statistics(model, data.subset(r), r) for r in plan_shards(rows, 3)])
     for key in whole:
         torch.testing.assert_close(summed[key], whole[key], rtol=1e-5, atol=1e-5 * float(whole[key].abs().max()))
     expected = single.score(model, queries, data)
@@ -77,12 +78,15 @@ def test_true_fisher_labels_do_not_depend_on_batching(small):
     """Per-row seeds: the same sequences give the same sampled-label covariances in any batches."""
     model, data, _ = small
     rows = torch.arange(48)
-    a = get_estimator(InfluenceConfig(method="linfac", batch_size=48)).covariance_statistics(model, data, rows)
-    b = get_estimator(InfluenceConfig(method="linfac", batch_size=5)).covariance_statistics(model, data, rows)
+    shard = data.subset(rows)
+    a = get_estimator(InfluenceConfig(method="linfac", batch_size=48)).covariance_statistics(model, shard, rows)
+    b = get_estimator(InfluenceConfig(method="linfac", batch_size=5)).covariance_statistics(model, shard, rows)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5 * float(a[key].abs().max()))
+    with pytest.raises(ValueError, match="global row ids"):  # the whole table with a shard's ids is a mistake
+        get_estimator(InfluenceConfig(method="linfac")).covariance_statistics(model, data, rows)
     other_seed = get_estimator(InfluenceConfig(method="linfac", batch_size=48, seed=1))
-    c = other_seed.covariance_statistics(model, data, rows)
+    c = other_seed.covariance_statistics(model, shard, rows)
     assert not torch.allclose(c["group0.S"], a["group0.S"])  # the seed does change the draw
 
 
@@ -181,3 +185,25 @@ def test_sharded_fit_refuses_methods_without_factors(tmp_path):
         plan(cfg, str(tmp_path))
     cfg.influence.method = "linfac"
     assert plan(cfg, str(tmp_path))["score_shards"] == 2
+
+
+def test_a_shard_step_reads_and_tokenizes_only_its_rows(trained_world, tmp_path, monkeypatch):
+    """A worker's map step tokenizes its shard, not the whole training table (a million rows per
+    shard would dwarf the shard's own work); its sequences are the table's rows at its ids."""
+    from lancet_core.config import LancetConfig
+    from lancet_core.stages import sharded as stages
+
+    world, tok = trained_world["world"], trained_world["tokenizer"]
+    world.train.head(100).to_parquet(tmp_path / "train.parquet")
+    cfg = LancetConfig()
+    cfg.orchestration.shards = 4
+    monkeypatch.setattr(stages, "_model", lambda cfg, model_dir: (trained_world["model"], tok))
+    tokenized = []
+    real = InfluenceData.from_texts.__func__
+    monkeypatch.setattr(InfluenceData, "from_texts",
+                        classmethod(lambda cls, t, ids, *a: tokenized.append(len(ids)) or real(cls, t, ids, *a)))
+    _, est, data, rows = stages._shard(cfg, "unused", str(tmp_path), lambda e, n: stages._score_shard_rows(cfg, n, 2))
+    assert tokenized == [25] and torch.equal(rows, torch.arange(50, 75))
+    assert data.ids == world.train["sample_id"].astype(str).tolist()[50:75]
+    with pytest.raises(ValueError, match="out of range"):
+        stages._score_shard_rows(cfg, 100, 4)

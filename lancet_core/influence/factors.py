@@ -390,11 +390,20 @@ class KroneckerEstimator(InfluenceEstimator):
 
     # -- fit as map-reduce over shards (see lancet_core/influence/sharding.py) -------------
     # Each statistic is a plain sum over sequences, so per-shard sums add up to one pass's.
-    def covariance_statistics(self, model, train: InfluenceData, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Map step 1: ``sum a a^T``, ``sum g g^T`` and the token count over training ``rows``."""
+    # ``shard`` holds just the shard's sequences, in the order of ``rows``, their global row ids
+    # in the training set (the ids seed the sampled labels): a worker tokenizes only its rows.
+    @staticmethod
+    def _check_shard(shard: InfluenceData, rows: torch.Tensor) -> None:
+        if len(shard) != len(rows):
+            raise ValueError(f"shard statistics: {len(shard)} sequences but {len(rows)} row ids; pass the shard's "
+                             "own sequences (train.subset(rows)) with their global row ids")
+
+    def covariance_statistics(self, model, shard: InfluenceData, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Map step 1: ``sum a a^T``, ``sum g g^T`` and the token count over one shard's sequences."""
+        self._check_shard(shard, rows)
         maps = self._bind(model)
         cov = CovarianceAccumulator(self.groups, self._device(model))
-        for _, batch, stacked in self._passes(model, maps, train.subset(rows).encoded, rows):
+        for _, batch, stacked in self._passes(model, maps, shard.encoded, rows):
             cov.add_batch(stacked, batch)
         out = {f"group{k}.A": A.cpu() for k, A in enumerate(cov.A)}
         out.update({f"group{k}.S": S.cpu() for k, S in enumerate(cov.S)})
@@ -415,14 +424,15 @@ class KroneckerEstimator(InfluenceEstimator):
         return [((bases[f"group{k}.lA"], bases[f"group{k}.QA"]), (bases[f"group{k}.lS"], bases[f"group{k}.QS"]))
                 for k in range(len(self.groups))]
 
-    def eigenvalue_statistics(self, model, train: InfluenceData, rows: torch.Tensor,
+    def eigenvalue_statistics(self, model, shard: InfluenceData, rows: torch.Tensor,
                               bases: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Map step 2: ``sum_seq (Q_S^T G Q_A)^2`` over training ``rows`` in the shared eigenbases."""
+        """Map step 2: ``sum_seq (Q_S^T G Q_A)^2`` over one shard's sequences in the shared eigenbases."""
+        self._check_shard(shard, rows)
         maps = self._bind(model)
         device = self._device(model)
         acc = EigenvalueAccumulator(self.groups, [((l.to(device), Q.to(device)), (m.to(device), P.to(device)))
                                                   for (l, Q), (m, P) in self._eig_list(bases)], device)
-        for _, _, stacked in self._passes(model, maps, train.subset(rows).encoded, rows):
+        for _, _, stacked in self._passes(model, maps, shard.encoded, rows):
             acc.add_stacked(stacked)
         out = {f"group{k}.lam": lam.cpu() for k, lam in enumerate(acc.lam)}
         out["sequences"] = torch.tensor(float(len(rows)), dtype=torch.float64)

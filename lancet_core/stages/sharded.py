@@ -61,6 +61,27 @@ def _context(cfg: LancetConfig, model_dir: str, data_dir: str):
     return model, tokenizer, _estimator(cfg, model), train, data
 
 
+def _n_train(data_dir: str) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(Path(data_dir) / "train.parquet").metadata.num_rows  # the footer, no rows read
+
+
+def _shard(cfg: LancetConfig, model_dir: str, data_dir: str, rows_of):
+    """``(model, estimator, shard data, rows)`` for a map step: only the shard's rows are read and
+    tokenized (``rows_of(estimator, n_train)`` picks them), not the whole training table."""
+    from lancet_core.influence.base import InfluenceData
+
+    model, tokenizer = _model(cfg, model_dir)
+    est = _estimator(cfg, model)
+    rows = rows_of(est, _n_train(data_dir))
+    part = pd.read_parquet(Path(data_dir) / "train.parquet", columns=["sample_id", "prompt", "response"])
+    part = part.iloc[rows.tolist()]  # a row group filter would read less; one column read keeps it simple
+    data = InfluenceData.from_texts(tokenizer, part["sample_id"].astype(str).tolist(), part["prompt"].tolist(),
+                                    part["response"].tolist(), cfg.model.max_length)
+    return model, est, data, rows
+
+
 def _estimator(cfg: LancetConfig, model):
     from lancet_core.influence import get_estimator
 
@@ -87,11 +108,18 @@ def _fit_shard_rows(cfg: LancetConfig, est, n_train: int, shard: int) -> torch.T
     return shards[shard]
 
 
+def _score_shard_rows(cfg: LancetConfig, n_train: int, shard: int) -> torch.Tensor:
+    shards = plan_shards(torch.arange(n_train), cfg.orchestration.shards)
+    if not 0 <= shard < len(shards):
+        raise ValueError(f"shard {shard} out of range: scoring has {len(shards)} shards")
+    return shards[shard]
+
+
 def plan(cfg: LancetConfig, data_dir: str) -> dict:
     """How many shards fit and scoring really have (fewer than asked when rows run out)."""
     from lancet_core.influence import get_estimator
 
-    n_train = len(pd.read_parquet(Path(data_dir) / "train.parquet", columns=["sample_id"]))
+    n_train = _n_train(data_dir)
     est = get_estimator(cfg.influence)
     if not hasattr(est, "covariance_statistics") or not est.needs_fit:
         raise ValueError(f"influence.method={cfg.influence.method!r} has no sharded path; "
@@ -118,8 +146,7 @@ def covariance_shard(cfg: LancetConfig, data_dir: str, data_digest: str, model_d
                        "step": "covariance", "shard": shard})
 
     def compute():
-        model, _, est, _, data = _context(cfg, model_dir, data_dir)
-        rows = _fit_shard_rows(cfg, est, len(data), shard)
+        model, est, data, rows = _shard(cfg, model_dir, data_dir, lambda e, n: _fit_shard_rows(cfg, e, n, shard))
         fault_point("covariance", shard)
         return est.covariance_statistics(model, data, rows)
 
@@ -150,8 +177,7 @@ def eigenvalue_shard(cfg: LancetConfig, data_dir: str, data_digest: str, model_d
                        "step": "eigenvalues", "shard": shard, "bases": bases["key"]})
 
     def compute():
-        model, _, est, _, data = _context(cfg, model_dir, data_dir)
-        rows = _fit_shard_rows(cfg, est, len(data), shard)
+        model, est, data, rows = _shard(cfg, model_dir, data_dir, lambda e, n: _fit_shard_rows(cfg, e, n, shard))
         fault_point("eigenvalues", shard)
         return est.eigenvalue_statistics(model, data, rows, store.get(bases["name"]))
 
@@ -225,11 +251,11 @@ def score_shard(cfg: LancetConfig, data_dir: str, model_dir: str, shard: int, pr
                        "shards": cfg.orchestration.shards, "data_dir": str(data_dir)})
 
     def compute():
-        model, _, est, _, data = _context(cfg, model_dir, data_dir)
-        rows = plan_shards(torch.arange(len(data)), cfg.orchestration.shards)[shard]
+        model, est, data, rows = _shard(cfg, model_dir, data_dir,
+                                        lambda e, n: _score_shard_rows(cfg, n, shard))
         fault_point("scores", shard)
         queries = unpack_prepared(store.get(prepared["name"]), next(model.parameters()).device)
-        return {"scores": est.score_prepared(model, queries, data.subset(rows)), "rows": rows}
+        return {"scores": est.score_prepared(model, queries, data), "rows": rows}
 
     return _timed(f"scores/shard-{shard:04d}", key, store, compute)
 
