@@ -165,3 +165,42 @@ def test_main_flow_with_shards_logs_like_the_single_process_path(prefect_server,
     assert {"fit", "rank"} <= stages
     manifest = json.loads((cfg.run_dir() / "scores" / "manifest.json").read_text())
     assert manifest["sharded"]["shards"] == 2
+
+
+def test_refined_scores_from_the_sharded_steps_equal_one_process(pipeline, tmp_path):
+    """``influence.refine_steps`` through the sharded steps (called here in flow order, no engine):
+    the CG refinement runs once in the queries step, and the scores equal a refined single-process
+    ranking of the same data."""
+    from lancet_core.influence.scores import load_scores, run_ranking
+    from lancet_core.stages import sharded as S
+    from lancet_core.stages.model import load_trained
+
+    cfg = pipeline["cfg"].model_copy(deep=True)
+    cfg.influence.refine_steps, cfg.influence.refine_samples = 2, 8
+    cfg.orchestration.shards = 2
+    uri, fit_dir, queries_dir = str(tmp_path / "shards"), str(tmp_path / "factors"), pipeline["queries"].path
+    data_dir, digest = pipeline["data"].path, pipeline["data"]["digest"]
+    model_dir, checksum = pipeline["model"]["model_dir"], pipeline["model"]["checksum"]
+    plan = S.plan(cfg, data_dir)
+    cov = [S.covariance_shard(cfg, data_dir, digest, model_dir, checksum, k, uri) for k in range(plan["fit_shards"])]
+    bases = S.eigenbases_reduce(cfg, model_dir, cov, uri)
+    lam = [S.eigenvalue_shard(cfg, data_dir, digest, model_dir, checksum, k, bases, uri)
+           for k in range(plan["fit_shards"])]
+    S.factors_reduce(cfg, data_dir, model_dir, checksum, fit_dir, bases, lam, uri)
+    prepared = S.prepare_queries(cfg, data_dir, digest, model_dir, checksum, fit_dir, queries_dir, uri)
+    parts = [S.score_shard(cfg, data_dir, model_dir, k, prepared, uri) for k in range(plan["score_shards"])]
+    S.scores_reduce(cfg, data_dir, model_dir, checksum, queries_dir, str(tmp_path / "scores"), parts, uri)
+
+    m, tok = load_trained(model_dir, cfg)
+    ref = run_ranking(m, tok, pd.read_parquet(Path(data_dir) / "train.parquet"),
+                      pd.read_parquet(Path(queries_dir) / "queries.parquet"), cfg.influence, tmp_path / "single",
+                      query_cfg=cfg.queries, max_length=cfg.model.max_length, model_id=checksum, progress=False)
+    expected = ref.table.set_index("sample_id")
+    got = load_scores(tmp_path / "scores").set_index("sample_id").loc[expected.index]
+    plain = pipeline["reference"].table.set_index("sample_id").loc[expected.index]
+    scale = float(expected["raw_score"].abs().max())
+    # CG amplifies the shards' float32 summation-order differences a little: 1e-4, not 1e-5
+    torch.testing.assert_close(torch.tensor(got["raw_score"].to_numpy()), torch.tensor(expected["raw_score"].to_numpy()),
+                               rtol=1e-4, atol=1e-4 * scale)
+    assert not torch.allclose(torch.tensor(plain["raw_score"].to_numpy()), torch.tensor(expected["raw_score"].to_numpy()),
+                              rtol=1e-3)  # the refinement did change the scores
