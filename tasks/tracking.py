@@ -339,6 +339,49 @@ def save_resolved_config(cfg: LancetConfig) -> Path:
     return cfg.save(cfg.run_dir() / "config.yaml")
 
 
+PID_TAG, HOST_TAG = "lancet.pid", "lancet.host"
+
+
+def _owner_tags() -> dict[str, str]:
+    """Which process on which machine writes a run: lets a later run tell a crashed one from a live one."""
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def close_orphaned_runs(cfg: LancetConfig, experiment_id: str) -> list[str]:
+    """Mark ``KILLED`` the RUNNING runs of this experiment whose writer process on this machine is gone.
+
+    A SIGKILLed (or OOM-killed) process cannot end its own MLflow runs, so they would stay
+    RUNNING for ever. Only runs tagged with this host are judged, and only by whether their
+    pid still exists: a reused pid keeps a dead run RUNNING (never the reverse), and runs
+    written on other machines are left alone.
+    """
+    client = get_client(cfg.tracking.tracking_uri)
+    host = socket.gethostname().replace("'", "")
+    runs = _locked(client.search_runs, [experiment_id],
+                   filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'", max_results=1000)
+    closed = []
+    for run in runs:
+        pid = run.data.tags.get(PID_TAG, "")
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            _locked(client.set_tag, run.info.run_id, "lancet.closed_reason",
+                    f"its process {pid} on {host} ended without closing it (killed); closed by a later run")
+            _locked(client.set_terminated, run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    if closed:
+        log.warning("MLflow: marked %d runs of crashed processes KILLED: %s", len(closed), ", ".join(closed))
+    return closed
+
+
 def start_parent_run(cfg: LancetConfig, flow_name: str, extra_tags: dict[str, str] | None = None) -> str | None:
     """Create the flow's parent run (params, resolved config, Prefect ids); returns its id.
 
@@ -351,9 +394,10 @@ def start_parent_run(cfg: LancetConfig, flow_name: str, extra_tags: dict[str, st
         return None
     client = get_client(cfg.tracking.tracking_uri)
     exp_id = ensure_experiment(cfg)
+    close_orphaned_runs(cfg, exp_id)
     ids = _prefect_ids()
     tags = {"lancet.flow": flow_name, "lancet.config_name": cfg.name,
-            "lancet.config_hash": cfg.section_hash(), **ids, **(extra_tags or {})}
+            "lancet.config_hash": cfg.section_hash(), **ids, **_owner_tags(), **(extra_tags or {})}
     name = f"{flow_name}@{ids.get('prefect.flow_run_name', time.strftime('%Y%m%d-%H%M%S'))}"
     run = _locked(client.create_run, exp_id, tags=tags, run_name=name)
     logger = RunLogger(cfg, run.info.run_id)
@@ -389,7 +433,8 @@ def child_run(cfg: LancetConfig, parent_run_id: str | None, stage: str, version:
     client = get_client(cfg.tracking.tracking_uri)
     parent = _locked(client.get_run, parent_run_id)
     all_tags = {PARENT_TAG: parent_run_id, "lancet.stage": stage, "lancet.task_version": version,
-                "lancet.config_name": cfg.name, **_prefect_ids(), **{k: str(v) for k, v in (tags or {}).items()}}
+                "lancet.config_name": cfg.name, **_prefect_ids(), **_owner_tags(),
+                **{k: str(v) for k, v in (tags or {}).items()}}
     run = _locked(client.create_run, parent.info.experiment_id, tags=all_tags, run_name=stage)
     logger = RunLogger(cfg, run.info.run_id)
     try:

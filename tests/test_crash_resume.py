@@ -170,6 +170,34 @@ def test_stale_temp_of_a_dead_process_is_removed_and_a_live_ones_kept(tmp_path):
     assert (tmp_path / "s" / "manifest.json").is_file()
 
 
+def test_mlflow_runs_of_a_killed_process_are_closed_by_the_next_run(tmp_path, monkeypatch):
+    """A SIGKILLed process leaves its MLflow runs RUNNING; the next flow run on the same machine
+    marks those whose process is gone KILLED, with the reason, and leaves live or foreign ones."""
+    import socket
+
+    from lancet_core.config import LancetConfig
+    from tasks import tracking
+
+    monkeypatch.chdir(tmp_path)  # MLflow's artifacts land relative to the working directory
+    cfg = LancetConfig()
+    cfg.output_dir = str(tmp_path / "outputs")
+    cfg.tracking.tracking_uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = tracking.get_client(cfg.tracking.tracking_uri)
+    exp = tracking.ensure_experiment(cfg)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    owners = {"dead": (dead.pid, host), "live": (os.getppid(), host), "elsewhere": (dead.pid, "another-host")}
+    runs = {name: client.create_run(exp, tags={tracking.PID_TAG: str(pid), tracking.HOST_TAG: h}).info.run_id
+            for name, (pid, h) in owners.items()}
+    parent = tracking.start_parent_run(cfg, "lancet_correction")
+    status = {name: client.get_run(rid).info.status for name, rid in runs.items()}
+    assert status == {"dead": "KILLED", "live": "RUNNING", "elsewhere": "RUNNING"}
+    assert "killed" in client.get_run(runs["dead"]).data.tags["lancet.closed_reason"]
+    assert client.get_run(parent).data.tags[tracking.PID_TAG] == str(os.getpid())
+    tracking.end_run(cfg, parent)
+
+
 # ------------------------------------------------------------------------------ full disk
 def test_full_disk_gives_a_clear_error_and_keeps_finished_stages(reference, tmp_path, monkeypatch):
     from lancet_core.config import load_config
