@@ -86,7 +86,8 @@ def is_complete(stage_dir: str | Path, inputs: dict[str, Any] | None = None, ver
     return True
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (killed writers leave theirs behind)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -109,7 +110,7 @@ def remove_stale_temps(stage_dir: str | Path) -> list[Path]:
         return removed
     for cand in stage_dir.parent.glob(f"{stage_dir.name}{_TMP_MARK}*"):
         pid = cand.name[len(stage_dir.name) + len(_TMP_MARK):]
-        if cand.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if cand.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(cand, ignore_errors=True)
             removed.append(cand)
     if removed:

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from lancet_core.config import LancetConfig, expand_env, redact
+from lancet_core.storage import pid_alive
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -347,16 +348,6 @@ def _owner_tags() -> dict[str, str]:
     return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
 def close_orphaned_runs(cfg: LancetConfig, experiment_id: str) -> list[str]:
     """Mark ``KILLED`` the RUNNING runs of this experiment whose writer process on this machine is gone.
 
@@ -372,7 +363,7 @@ def close_orphaned_runs(cfg: LancetConfig, experiment_id: str) -> list[str]:
     closed = []
     for run in runs:
         pid = run.data.tags.get(PID_TAG, "")
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             _locked(client.set_tag, run.info.run_id, "lancet.closed_reason",
                     f"its process {pid} on {host} ended without closing it (killed); closed by a later run")
             _locked(client.set_terminated, run.info.run_id, "KILLED")
