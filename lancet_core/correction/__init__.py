@@ -33,10 +33,12 @@ log = logging.getLogger(__name__)
 
 # Chosen on the selection split (held-out benign prompts minus every evaluation prompt, and
 # harmful requests in phrasings no probe uses; lancet_core.evaluation.selection), three seeds,
-# by benchmarks/select_ibo.py; see docs/ibo.md section 6. They are the CorrectionConfig defaults.
+# by benchmarks/select_ibo.py; see docs/ibo.md section 6. They live in CorrectionConfig (its defaults);
+# this names the ones `lancet compare --recommended` re-applies over a config that changed them.
 RECOMMENDED_CORRECTION: dict[str, Any] = {
-    "loss": "bregman", "bregman": "entropy", "tau": 1.0, "influence_weighted": True,
-    "beta": 0.1, "lr": 2e-4, "epochs": 4, "batch_size": 8, "retain_weight": 10.0, "min_positive_z": 2.0,
+    key: getattr(CorrectionConfig(), key)
+    for key in ("loss", "bregman", "tau", "influence_weighted", "beta", "lr", "epochs", "batch_size",
+                "retain_weight", "min_positive_z")
 }
 
 METHODS: dict[str, Callable[[Any, CorrectionContext], CorrectionResult]] = {

@@ -217,10 +217,6 @@ def length_sorted_batches(enc: EncodedBatch, batch_size: int) -> Iterator[tuple[
         yield pos, trim_padding(EncodedBatch(enc.input_ids[pos], enc.attention_mask[pos], enc.labels[pos]))
 
 
-def _rows_of(enc: EncodedBatch, rows: torch.Tensor) -> EncodedBatch:
-    return EncodedBatch(enc.input_ids[rows], enc.attention_mask[rows], enc.labels[rows])
-
-
 def contract_scores(query, a: torch.Tensor, g: torch.Tensor, route: str | None = None) -> torch.Tensor:
     """``scores[q, b] = sum_n <M_nq, sum_t g_nbt a_nbt^T>``: the exact contraction with fewest FLOPs.
 
@@ -361,8 +357,8 @@ class KroneckerEstimator(InfluenceEstimator):
                     acc.add_tokens(k, *item) if len(item) == 2 else acc.add_gradients(k, item[0])
                 chunks.clear()
             if second_pass:
-                sub = torch.cat(second_pass)
-                for _, _, stacked in self._passes(model, maps, _rows_of(enc, sub), rows[sub]):
+                sub = rows[torch.cat(second_pass)]
+                for _, _, stacked in self._passes(model, maps, train.subset(sub).encoded, sub):
                     acc.add_stacked(stacked)
             acc.sequences = len(enc)
             lam = acc.eigenvalues()

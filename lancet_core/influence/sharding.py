@@ -122,10 +122,9 @@ class ShardStore:
 
     def record(self, step: str, names: list[str], extra: dict | None = None) -> None:
         """Add a reduced step and its shards (with their receipts) to ``manifest.json``."""
-        path = self._path("manifest.json")
-        manifest = json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else {"steps": {}}
+        manifest = self.manifest()
         manifest["steps"][step] = {"shards": {n: self.receipt(n) for n in names}, **(extra or {})}
-        self.fs.pipe_file(path, json.dumps(manifest, indent=2).encode())
+        self.fs.pipe_file(self._path("manifest.json"), json.dumps(manifest, indent=2).encode())
 
     def manifest(self) -> dict:
         path = self._path("manifest.json")

@@ -33,10 +33,13 @@ def queries_stage(cfg: LancetConfig, probe_dir: str | Path, probe_key: str, forc
     return run_stage(cfg.run_dir() / "queries", inputs, compute, force=force)
 
 
-def _train_data(cfg: LancetConfig, data_dir: str | Path, tokenizer):
+def training_data(cfg: LancetConfig, data_dir: str | Path, tokenizer, rows=None):
+    """The training table and its tokens; with ``rows`` (positions) only those rows are tokenized."""
     from lancet_core.influence.base import InfluenceData
 
     train = pd.read_parquet(Path(data_dir) / "train.parquet")
+    if rows is not None:
+        train = train.iloc[list(rows)]
     data = InfluenceData.from_texts(tokenizer, train["sample_id"].astype(str).tolist(), train["prompt"].tolist(),
                                     train["response"].tolist(), cfg.model.max_length)
     return train, data
@@ -50,7 +53,7 @@ def fit_stage(cfg: LancetConfig, data_dir: str | Path, data_digest: str, model_d
 
     fit_dir = cfg.run_dir() / "factors"
     model, tokenizer = load_trained(model_dir, cfg)
-    _, data = _train_data(cfg, data_dir, tokenizer)
+    _, data = training_data(cfg, data_dir, tokenizer)
     fitted = fit_factors(model, data, cfg.influence, fit_dir, model_id=model_checksum, force=force)
     return StageResult(str(fit_dir), {"method": cfg.influence.method, "fit_s": fitted.seconds,
                                       "factor_bytes": fitted.factor_bytes, "n_fit": fitted.n_fit},

@@ -22,6 +22,7 @@ import torch
 
 from lancet_core.config import LancetConfig
 from lancet_core.faults import fault_point
+from lancet_core.stages.influence import training_data
 from lancet_core.influence.sharding import ShardStore, content_key, pack_prepared, plan_shards, sum_statistics, \
     unpack_prepared
 
@@ -45,19 +46,10 @@ def _model(cfg: LancetConfig, model_dir: str):
     return _loaded(str(Path(model_dir).resolve()), cfg.model_dump_json())
 
 
-def _train(cfg: LancetConfig, data_dir: str, tokenizer):
-    from lancet_core.influence.base import InfluenceData
-
-    train = pd.read_parquet(Path(data_dir) / "train.parquet")
-    data = InfluenceData.from_texts(tokenizer, train["sample_id"].astype(str).tolist(), train["prompt"].tolist(),
-                                    train["response"].tolist(), cfg.model.max_length)
-    return train, data
-
-
 def _context(cfg: LancetConfig, model_dir: str, data_dir: str):
     """``(model, tokenizer, estimator, training table, training data)`` of this run, in this worker."""
     model, tokenizer = _model(cfg, model_dir)
-    train, data = _train(cfg, data_dir, tokenizer)
+    train, data = training_data(cfg, data_dir, tokenizer)
     return model, tokenizer, _estimator(cfg, model), train, data
 
 
@@ -70,25 +62,25 @@ def _n_train(data_dir: str) -> int:
 def _shard(cfg: LancetConfig, model_dir: str, data_dir: str, rows_of):
     """``(model, estimator, shard data, rows)`` for a map step: only the shard's rows are read and
     tokenized (``rows_of(estimator, n_train)`` picks them), not the whole training table."""
-    from lancet_core.influence.base import InfluenceData
-
     model, tokenizer = _model(cfg, model_dir)
     est = _estimator(cfg, model)
     rows = rows_of(est, _n_train(data_dir))
-    part = pd.read_parquet(Path(data_dir) / "train.parquet", columns=["sample_id", "prompt", "response"])
-    part = part.iloc[rows.tolist()]  # a row group filter would read less; one column read keeps it simple
-    data = InfluenceData.from_texts(tokenizer, part["sample_id"].astype(str).tolist(), part["prompt"].tolist(),
-                                    part["response"].tolist(), cfg.model.max_length)
-    return model, est, data, rows
+    return model, est, training_data(cfg, data_dir, tokenizer, rows.tolist())[1], rows
 
 
-def _estimator(cfg: LancetConfig, model):
+def _sharded_estimator(cfg: LancetConfig):
+    """The configured estimator, refused by name when it has no factors to shard."""
     from lancet_core.influence import get_estimator
 
     est = get_estimator(cfg.influence)
-    if not hasattr(est, "covariance_statistics"):
-        raise ValueError(f"influence.method={cfg.influence.method!r} has no sharded fit; "
+    if not hasattr(est, "covariance_statistics") or not est.needs_fit:
+        raise ValueError(f"influence.method={cfg.influence.method!r} has no sharded path; "
                          "use linfac, ekfac or kfac, or orchestration.shards=1")
+    return est
+
+
+def _estimator(cfg: LancetConfig, model):
+    est = _sharded_estimator(cfg)
     est._bind(model)
     return est
 
@@ -101,29 +93,25 @@ def _base_key(cfg: LancetConfig, model_checksum: str, data_digest: str, n_shards
                         "max_length": cfg.model.max_length})
 
 
-def _fit_shard_rows(cfg: LancetConfig, est, n_train: int, shard: int) -> torch.Tensor:
-    shards = plan_shards(est.fit_rows(n_train), cfg.orchestration.shards)
+def _pick_shard(cfg: LancetConfig, rows: torch.Tensor, shard: int, step: str) -> torch.Tensor:
+    shards = plan_shards(rows, cfg.orchestration.shards)
     if not 0 <= shard < len(shards):
-        raise ValueError(f"shard {shard} out of range: the fit has {len(shards)} shards")
+        raise ValueError(f"shard {shard} out of range: {step} has {len(shards)} shards")
     return shards[shard]
+
+
+def _fit_shard_rows(cfg: LancetConfig, est, n_train: int, shard: int) -> torch.Tensor:
+    return _pick_shard(cfg, est.fit_rows(n_train), shard, "the fit")
 
 
 def _score_shard_rows(cfg: LancetConfig, n_train: int, shard: int) -> torch.Tensor:
-    shards = plan_shards(torch.arange(n_train), cfg.orchestration.shards)
-    if not 0 <= shard < len(shards):
-        raise ValueError(f"shard {shard} out of range: scoring has {len(shards)} shards")
-    return shards[shard]
+    return _pick_shard(cfg, torch.arange(n_train), shard, "scoring")
 
 
 def plan(cfg: LancetConfig, data_dir: str) -> dict:
     """How many shards fit and scoring really have (fewer than asked when rows run out)."""
-    from lancet_core.influence import get_estimator
-
     n_train = _n_train(data_dir)
-    est = get_estimator(cfg.influence)
-    if not hasattr(est, "covariance_statistics") or not est.needs_fit:
-        raise ValueError(f"influence.method={cfg.influence.method!r} has no sharded path; "
-                         "use linfac, ekfac or kfac, or orchestration.shards=1")
+    est = _sharded_estimator(cfg)
     return {"n_train": n_train, "fit_shards": len(plan_shards(est.fit_rows(n_train), cfg.orchestration.shards)),
             "score_shards": len(plan_shards(torch.arange(n_train), cfg.orchestration.shards)),
             "eigenvalue_correction": bool(est.eigenvalue_correction), "uri": storage_uri(cfg)}
@@ -237,7 +225,7 @@ def prepare_queries(cfg: LancetConfig, data_dir: str, data_digest: str, model_di
         est = _estimator(cfg, model)
         est.load(Path(fit_dir) / ESTIMATOR_SUBDIR)
         qdata = _query_set(cfg, queries_dir).to_influence_data(tokenizer, cfg.model.max_length)
-        curvature = _train(cfg, data_dir, tokenizer)[1] if icfg.refine_steps else None
+        curvature = training_data(cfg, data_dir, tokenizer)[1] if icfg.refine_steps else None
         return pack_prepared(est.prepare_queries(model, qdata, curvature))
 
     return _timed("scores/queries", key, store, compute)
