@@ -4,11 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lancet-installed
 
-# Offline-friendly defaults: no telemetry, no hub downloads in tests.
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export DO_NOT_TRACK := true
-export MLFLOW_DISABLE_TELEMETRY := true
-export TOKENIZERS_PARALLELISM := false
+# The telemetry/offline environment defaults live in lancet_core/runtime_env.py (applied on
+# import by every entry point); only output buffering is the Makefile's business.
 export PYTHONUNBUFFERED := 1
 
 .PHONY: install demo test bench e2e clean

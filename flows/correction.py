@@ -13,7 +13,6 @@ stage's MLflow child run hangs under one parent run per flow run. Outputs land i
 
 from __future__ import annotations
 
-import lancet_cli.env  # noqa: F401  (offline defaults before prefect/mlflow)
 
 import logging
 import os

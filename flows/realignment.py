@@ -11,7 +11,6 @@ correction flow's; its MLflow runs go to the same experiment as the correction f
 
 from __future__ import annotations
 
-import lancet_cli.env  # noqa: F401
 
 import time
 from typing import Any

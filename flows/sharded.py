@@ -12,7 +12,6 @@ the main flow's fit and rank tasks then find them finished and only log them to 
 
 from __future__ import annotations
 
-import lancet_cli.env  # noqa: F401  (offline defaults before prefect/mlflow)
 
 import time
 from typing import Any

@@ -16,7 +16,7 @@ and what was expected, and the exit code is 2. Prefect and MLflow are imported l
 
 from __future__ import annotations
 
-from lancet_cli import env as _env  # noqa: F401  (offline defaults first)
+import lancet_core  # noqa: F401  (environment defaults first)
 
 import json
 import os

@@ -3,7 +3,7 @@
 Modules: ``stages`` (one task per stage), ``tracking`` (thread-safe MLflow helpers),
 ``registry`` (model registry and promotion gate), ``artifacts`` (Prefect artifacts and
 summary.json), ``plots`` (matplotlib figures). Importing this package applies the offline
-defaults of :mod:`lancet_cli.env` before prefect or mlflow is imported.
+defaults of :mod:`lancet_core.runtime_env` before prefect or mlflow is imported.
 """
 
-import lancet_cli.env  # noqa: F401
+import lancet_core  # noqa: F401  (environment defaults before prefect/mlflow)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import lancet_cli.env  # noqa: F401
 
 import json
 import math

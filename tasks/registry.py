@@ -20,7 +20,6 @@ from), ``lancet_gate`` and ``lancet_gate_reason``.
 
 from __future__ import annotations
 
-import lancet_cli.env  # noqa: F401
 
 import hashlib
 import json

@@ -10,7 +10,6 @@ alone, the finished ones stay finished.
 
 from __future__ import annotations
 
-import lancet_cli.env  # noqa: F401  (offline defaults before prefect)
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE

@@ -24,7 +24,6 @@ crash resumes at the first unfinished stage.
 
 from __future__ import annotations
 
-import lancet_cli.env  # noqa: F401  (offline defaults before prefect/mlflow)
 
 import hashlib
 import importlib.util

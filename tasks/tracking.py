@@ -17,7 +17,6 @@ Layout of one flow run in MLflow (see docs/orchestration.md):
 
 from __future__ import annotations
 
-import lancet_cli.env  # noqa: F401  (offline defaults before mlflow is imported)
 
 import json
 import logging

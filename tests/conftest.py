@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import lancet_core  # noqa: E402,F401  (the environment defaults, before any test imports prefect or mlflow)
 import pytest
 import torch
 

@@ -139,7 +139,7 @@ def test_serve_builds_both_deployments_with_the_config_cron():
 
 
 def test_offline_defaults_are_set_without_overriding_the_user(monkeypatch):
-    from lancet_cli import env
+    from lancet_core import runtime_env as env
 
     monkeypatch.setenv("DO_NOT_TRACK", "false")
     monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
