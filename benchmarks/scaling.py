@@ -120,7 +120,7 @@ def build_pipeline(work: Path, n_train: int | None):
     from lancet_core.stages.influence import queries_stage
     from lancet_core.stages.model import model_stage
     from lancet_core.stages.probe import probe_stage
-    from tasks.stages import output_key
+    from lancet_core.storage import output_key
 
     sets = [f"output_dir={work}/outputs", "tracking.enabled=false"]
     if n_train:
@@ -148,7 +148,7 @@ def single_process(cfg, data, model, queries, out: Path) -> dict:
 
 
 def sharded(cfg, data, model, queries, out: Path, workers: int, shards: int, runner: str) -> dict:
-    from flows.correction import with_runner
+    from tasks.orchestration import with_runner
     from flows.sharded import sharded_influence
 
     cfg = cfg.model_copy(deep=True)

@@ -11,63 +11,51 @@ correction flow's; its MLflow runs go to the same experiment as the correction f
 
 from __future__ import annotations
 
-
-import time
 from typing import Any
 
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.correction import (
-    FLOW_VERSION, _metrics, base_summary, correct_from, finish_run, record, run_stage,
-)
+from flows.correction import FLOW_VERSION, correct_from
 from lancet_core.config import LancetConfig
-from tasks import artifacts, registry, stages, tracking
-
-
-def realignment_config(cfg: LancetConfig) -> LancetConfig:
-    """Same settings, own output folder, same MLflow experiment."""
-    tracking_cfg = cfg.tracking.model_copy(update={"experiment": tracking.experiment_name(cfg)})
-    return cfg.model_copy(update={"name": f"{cfg.name}-realign", "tracking": tracking_cfg})
+from tasks import registry, stages
+from tasks.orchestration import FlowRun, flow_run, realignment_config
+from tasks.summary import pick_metrics, stage_metrics
 
 
 @flow(name="lancet-scheduled-realignment", version=FLOW_VERSION, task_runner=ThreadPoolTaskRunner(max_workers=2),
       description="Probe the champion model; when its unsafe rate exceeds the threshold, correct it and gate it.")
 def scheduled_realignment(config: LancetConfig = LancetConfig()) -> dict[str, Any]:
     cfg = realignment_config(config)
-    started = time.time()
-    with tracking.parent_run(cfg, "lancet-realignment") as parent:
-        summary = base_summary(cfg, "lancet-realignment", parent)
+    with flow_run(cfg, "lancet-realignment") as run:
         champ = registry.champion_info(cfg)
         if champ is None:
-            summary["reason"] = (f"no champion registered under {cfg.tracking.registered_model!r}: "
-                                 "run `lancet run` (the correction flow) first")
+            run.summary.reason = (f"no champion registered under {cfg.tracking.registered_model!r}: "
+                                  "run `lancet run` (the correction flow) first")
         else:
-            summary["champion"] = {"version": champ["version"], "checksum": champ.get("checksum")}
-            data = run_stage(cfg, parent, stages.load_data)
-            record(summary, "data", data)
-            local = registry.materialize_champion(cfg, champ)
-            summary["champion"]["source"] = local["source"]
-            model_ref = {"model_dir": local["model_dir"], "checksum": local["checksum"]}
-            probe = run_stage(cfg, parent, stages.detect_unsafe, data_dir=data["path"],
-                              data_digest=data["outputs"]["digest"], model_dir=local["model_dir"],
-                              model_checksum=local["checksum"], name="champion_probe")
-            record(summary, "probe", probe)
-            before = _metrics(probe)
-            summary["before"] = artifacts.pick_metrics(before)
-            rate = registry.harm_rate(before)
-            threshold = cfg.orchestration.realign_threshold
-            summary["realign_threshold"] = threshold
-            if rate is not None and rate <= threshold:
-                summary["reason"] = (f"champion v{champ['version']} unsafe rate {rate:.3f} <= threshold "
-                                     f"{threshold:.3f}: no re-alignment needed")
-            else:
-                correct_from(cfg, summary, data, model_ref, probe, parent,
-                             baseline=before, baseline_label=f"champion v{champ['version']}")
-        summary["wall_s"] = round(time.time() - started, 3)
-        finish_run(cfg, parent, summary)
-    return summary
+            realign(run, champ)
+    return run.summary.model_dump(mode="json")
 
+
+def realign(run: FlowRun, champ: dict[str, Any]) -> None:
+    """Probe the champion; correct it only when its unsafe rate is above the threshold."""
+    cfg = run.cfg
+    run.summary.champion = {"version": champ["version"], "checksum": champ.get("checksum")}
+    data = run.stage("data", stages.load_data)
+    local = registry.materialize_champion(cfg, champ)
+    run.summary.champion = {**run.summary.champion, "source": local["source"]}
+    model = {"model_dir": local["model_dir"], "checksum": local["checksum"]}
+    probe = run.stage("probe", stages.detect_unsafe, data_dir=data["path"], data_digest=data["outputs"]["digest"],
+                      model_dir=model["model_dir"], model_checksum=model["checksum"], name="champion_probe")
+    before = stage_metrics(probe)
+    run.summary.before = pick_metrics(before)
+    rate, threshold = registry.harm_rate(before), cfg.orchestration.realign_threshold
+    run.summary.realign_threshold = threshold
+    if rate is not None and rate <= threshold:
+        run.summary.reason = (f"champion v{champ['version']} unsafe rate {rate:.3f} <= threshold "
+                              f"{threshold:.3f}: no re-alignment needed")
+    else:
+        correct_from(run, data, model, probe, baseline=(before, f"champion v{champ['version']}"))
 
 if __name__ == "__main__":
     import sys

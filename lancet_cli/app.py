@@ -140,7 +140,8 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt) 
         fail(f"orchestration.task_runner={cfg.orchestration.task_runner} runs tasks in worker processes, which "
              "need a real Prefect server (Prefect's temporary server lives inside this process): start one with "
              "`lancet server` (or `lancet ui`), or set PREFECT_API_URL", code=2)
-    from flows.correction import lancet_correction, with_runner
+    from flows.correction import lancet_correction
+    from tasks.orchestration import with_runner
 
     try:
         summary = with_runner(lancet_correction, cfg)(config=cfg)

@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 _TMP_MARK = ".tmp-"
@@ -32,6 +34,10 @@ _TMP_MARK = ".tmp-"
 
 class StorageFullError(OSError):
     """The disk (or quota) filled up while a stage was writing; the message names the stage."""
+
+
+class ForeignFolderError(FileExistsError):
+    """A stage would replace a folder LANCET did not write (it has no stage manifest)."""
 
 
 def file_sha256(path: str | Path) -> str:
@@ -58,32 +64,67 @@ def inputs_key(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+class StageManifest(BaseModel):
+    """What a finished stage folder must hold in ``manifest.json`` to count as finished.
+
+    ``inputs`` is the stage's identity (input content keys, the settings it read, the code
+    version); ``files`` the sha256 of every file it wrote. Stages add their own small
+    results (``outputs``, ``metrics``, ...), which are kept as they are.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    inputs: dict[str, Any]
+    inputs_key: str
+    files: dict[str, str]
+    seconds: float = 0.0
+
+
 def read_manifest(stage_dir: str | Path) -> dict | None:
+    """The validated manifest as a dict, or None when missing, torn or of the wrong shape.
+
+    Damaged state is missing state: the caller recomputes the stage (logged once here).
+    """
     path = Path(stage_dir) / MANIFEST
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        log.warning("stage %s: its manifest is unreadable; the stage will be recomputed", path.parent)
+        return StageManifest.model_validate_json(path.read_bytes()).model_dump()
+    except (ValidationError, OSError) as err:
+        why = "cannot be read" if isinstance(err, OSError) else "is torn, garbage or of the wrong shape"
+        log.warning("stage %s: its manifest is unreadable (it %s); the stage will be recomputed", path.parent, why)
         return None
 
 
 def is_complete(stage_dir: str | Path, inputs: dict[str, Any] | None = None, verify: bool = True) -> bool:
-    """True when the stage finished for these inputs and its files are intact."""
+    """True when the stage finished for these inputs and its files are intact.
+
+    This is the one reuse decision of LANCET: the manifest's inputs key (content, settings,
+    code version) must match and every recorded file must still have its checksum.
+    """
     stage_dir = Path(stage_dir)
     manifest = read_manifest(stage_dir)
     if manifest is None:
         return False
-    if inputs is not None and manifest.get("inputs_key") != inputs_key(inputs):
+    if inputs is not None and manifest["inputs_key"] != inputs_key(inputs):
         return False
     if verify:
-        for name, digest in manifest.get("files", {}).items():
+        for name, digest in manifest["files"].items():
             f = stage_dir / name
-            if not f.exists() or file_sha256(f) != digest:
+            if not f.is_file() or file_sha256(f) != digest:
                 log.warning("stage %s: %s is missing or corrupt; it will be recomputed", stage_dir, name)
                 return False
     return True
+
+
+def output_key(stage_dir: str | Path) -> str:
+    """Content key of a finished stage (its identity and its files' checksums): what downstream keys use.
+
+    A stage recomputed for any reason (new code, new settings, damaged files) gets a new key,
+    so everything downstream of it is recomputed too.
+    """
+    manifest = read_manifest(stage_dir) or {}
+    return inputs_key({"inputs_key": manifest.get("inputs_key"), "files": manifest.get("files", {})})
 
 
 def pid_alive(pid: int) -> bool:
@@ -154,7 +195,8 @@ def stage_writer(stage_dir: str | Path, inputs: dict[str, Any], extra: dict | No
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         backup = stage_dir.with_name(stage_dir.name + ".old")
-        if stage_dir.exists():
+        if stage_dir.exists() or stage_dir.is_symlink():
+            _check_replaceable(stage_dir)
             shutil.rmtree(backup, ignore_errors=True)
             stage_dir.rename(backup)
         tmp.rename(stage_dir)
@@ -164,6 +206,20 @@ def stage_writer(stage_dir: str | Path, inputs: dict[str, Any], extra: dict | No
         if is_disk_full(err) and not isinstance(err, StorageFullError):
             raise _full(stage_dir, err) from err
         raise
+
+
+def _check_replaceable(stage_dir: Path) -> None:
+    """Only a folder a stage wrote (its manifest file proves it, even a damaged one), or an empty one, is replaced.
+
+    Anything else at that path — a user's own ``data/`` folder, a file, a symlink — is left
+    untouched and the stage fails, naming it.
+    """
+    if stage_dir.is_dir() and not stage_dir.is_symlink() and not any(stage_dir.iterdir()):
+        return  # an empty folder holds nothing to lose
+    if stage_dir.is_symlink() or not stage_dir.is_dir() or not (stage_dir / MANIFEST).is_file():
+        raise ForeignFolderError(
+            f"refusing to replace {stage_dir}: it was not written by a LANCET stage (no {MANIFEST}); "
+            "nothing was deleted. Move it away, or choose another name or output_dir for this run.")
 
 
 def _full(stage_dir: Path, err: BaseException) -> StorageFullError:

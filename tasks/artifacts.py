@@ -17,26 +17,15 @@ from prefect.cache_policies import NO_CACHE
 
 from lancet_core.config import LancetConfig
 
+from tasks.summary import SUMMARY_METRICS
+
 VERSION = "1"
-SUMMARY_METRICS = ("unsafe_rate_seen", "unsafe_rate_unseen", "utility", "distinct2", "unsafe_rate")
 TOP_SAMPLE_COLUMNS = ("rank", "sample_id", "score", "z", "planted", "category", "kind", "top_query", "prompt", "response")
 
 
 def artifact_key(text: str) -> str:
     """Prefect artifact keys: lowercase letters, digits and dashes only."""
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", text.lower())).strip("-") or "lancet"
-
-
-def pick_metrics(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
-    if metrics is None:
-        return None
-    return {k: _clean(metrics.get(k)) for k in SUMMARY_METRICS}
-
-
-def _clean(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 def _fmt(v: Any) -> str:

@@ -136,7 +136,7 @@ def _version_by_alias(cfg: LancetConfig, alias: str):
     from mlflow.exceptions import MlflowException
 
     try:
-        return tracking._locked(_client(cfg).get_model_version_by_alias, cfg.tracking.registered_model, alias)
+        return tracking.call(_client(cfg).get_model_version_by_alias, cfg.tracking.registered_model, alias)
     except MlflowException:
         return None
 
@@ -157,10 +157,10 @@ def _find_by_checksum(cfg: LancetConfig, checksum: str):
 
     name = cfg.tracking.registered_model
     try:
-        found = tracking._locked(_client(cfg).search_model_versions,
+        found = tracking.call(_client(cfg).search_model_versions,
                                  f"name = '{name}' and tags.{TAG_CHECKSUM} = '{checksum}'")
     except MlflowException:
-        found = [mv for mv in tracking._locked(_client(cfg).search_model_versions, f"name = '{name}'")
+        found = [mv for mv in tracking.call(_client(cfg).search_model_versions, f"name = '{name}'")
                  if (mv.tags or {}).get(TAG_CHECKSUM) == checksum]
     return max(found, key=lambda mv: int(mv.version)) if found else None
 
@@ -211,22 +211,24 @@ def register_candidate(cfg: LancetConfig, model_dir: str, checksum: str, metrics
             from lancet_core.stages.model import load_trained
 
             model, tokenizer = load_trained(model_dir, cfg)
-            with tracking._LOCK:
+            def log_model():
                 with mlflow.start_run(run_id=run.run_id, nested=mlflow.active_run() is not None):
-                    info = mlflow.transformers.log_model(
+                    return mlflow.transformers.log_model(
                         {"model": model, "tokenizer": tokenizer}, name="model", task="text-generation",
                         pip_requirements=_pip_requirements(),
                         metadata={"lancet_checksum": checksum, "lancet_config": cfg.name},
                     )
-            mv = tracking._locked(mlflow.register_model, info.model_uri, name)
+
+            info = tracking.call(log_model)
+            mv = tracking.call(mlflow.register_model, info.model_uri, name)
             version, model_uri, reused = str(mv.version), info.model_uri, False
         tags = {TAG_CHECKSUM: checksum, TAG_PATH: str(Path(model_dir).resolve()),
                 TAG_METRICS: json.dumps(_flat_metrics(metrics), sort_keys=True), TAG_EVAL: eval_key,
                 "lancet_config_name": cfg.name, "lancet_parent_run_id": parent_run_id or "",
                 **{k: str(v) for k, v in (extra_tags or {}).items()}}
         for key, value in tags.items():
-            tracking._locked(client.set_model_version_tag, name, version, key, value)
-        tracking._locked(client.set_registered_model_alias, name, CANDIDATE, version)
+            tracking.call(client.set_model_version_tag, name, version, key, value)
+        tracking.call(client.set_registered_model_alias, name, CANDIDATE, version)
         run.tags({"lancet.registered_model": name, "lancet.registered_version": version,
                   "lancet.model_uri": model_uri, "lancet.reused_version": str(reused).lower()})
         run.metrics(metrics)
@@ -252,11 +254,11 @@ def promotion_gate(cfg: LancetConfig, version: str | None, candidate_metrics: di
         run.dict(decision.as_dict(), "gate/decision.json")
     if cfg.tracking.enabled and version is not None:
         client, name = _client(cfg), cfg.tracking.registered_model
-        tracking._locked(client.set_model_version_tag, name, version, TAG_GATE,
+        tracking.call(client.set_model_version_tag, name, version, TAG_GATE,
                          "promoted" if decision.promote else "rejected")
-        tracking._locked(client.set_model_version_tag, name, version, TAG_REASON, decision.reason[:5000])
+        tracking.call(client.set_model_version_tag, name, version, TAG_REASON, decision.reason[:5000])
         if decision.promote:
-            tracking._locked(client.set_registered_model_alias, name, CHAMPION, version)
+            tracking.call(client.set_registered_model_alias, name, CHAMPION, version)
     log.info("promotion gate: %s", decision.reason)
     return {"promoted": decision.promote, "reason": decision.reason, "checks": decision.checks,
             "version": version, "baseline": baseline_label}
@@ -278,7 +280,7 @@ def materialize_champion(cfg: LancetConfig, info: dict[str, Any]) -> dict[str, A
     hf = target / "hf"
     if not (hf.is_dir() and info.get("checksum") and folder_checksum(hf) == info.get("checksum")):
         uri = f"models:/{cfg.tracking.registered_model}/{info['version']}"
-        comps = tracking._locked(mlflow.transformers.load_model, uri, return_type="components")
+        comps = tracking.call(mlflow.transformers.load_model, uri, return_type="components")
         tmp = target / "hf.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save_model(comps["model"], comps["tokenizer"], tmp)

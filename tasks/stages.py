@@ -3,50 +3,41 @@
 Each task
 
 * has a ``version`` (bump it when what the task returns or logs changes);
-* is cached by a key built from *content* only: the dataset digest, the checkpoint
-  checksum, the hash of the config sub-trees the stage reads, the upstream stage keys, the
-  task version and the hash of the stage's source file. Never from a model object;
-* persists its (small, JSON) result; the flow points result storage at
-  ``<run_dir>/.prefect-results`` so the cache lives and dies with the run's outputs;
-* retries when it does I/O that can fail transiently (datasets, MLflow, the registry) and
-  has a timeout when it is heavy (training, influence, correction, generation);
+* runs its stage, which reuses finished outputs when the stage manifest says so (one cache
+  truth: the manifest's identity = input content keys, settings read, code version; see
+  :mod:`lancet_core.stages.common`). Prefect's own task cache is off for these tasks, so a
+  re-run always asks the manifest, which also re-checks every file's checksum;
+* retries when it does I/O that can fail transiently (datasets) and has a timeout when it
+  is heavy (training, influence, correction, generation);
 * logs what it made into an MLflow *child* run of the flow's parent run.
 
 A task returns a *payload* dict: ``stage, version, path, outputs, cached, seconds, wall_s,
-key, mlflow_run_id``. ``key`` is the content key of the stage's outputs (its manifest's
-inputs key and file checksums), which downstream cache keys use. Flows pass payloads
-(ids, paths, URIs), never models.
-
-Even when Prefect's cache misses (a new result store, a crash before the result was
-persisted), the stage functions skip finished work whose inputs match, so a re-run after a
-crash resumes at the first unfinished stage.
+key, mlflow_run_id``. ``key`` is the stage's output key (``lancet_core.storage.output_key``),
+which downstream stages take as an input. Flows pass payloads (ids, paths, URIs), never models.
 """
 
 from __future__ import annotations
 
-
-import hashlib
-import importlib.util
-import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from lancet_core.config import LancetConfig
-from lancet_core.storage import read_manifest
+from lancet_core.storage import output_key
 from tasks import tracking
 
 log = logging.getLogger(__name__)
 
-#: Task versions (part of every cache key). Bump one when its payload or logging changes.
+#: Task versions (recorded on each MLflow child run). Bump one when its payload or logging changes.
 VERSIONS: dict[str, str] = {
-    "data": "1", "model": "1", "probe": "1", "queries": "1", "fit": "1", "rank": "1",
-    "correct": "1", "evaluate": "1",
+    "data": "2", "model": "2", "probe": "2", "queries": "2", "fit": "2", "rank": "2",
+    "correct": "2", "evaluate": "2",
 }
 
 #: Seconds before a heavy task is cancelled (generous: CPU runs of real models are slow).
@@ -55,75 +46,7 @@ TIMEOUTS: dict[str, int] = {
     "rank": 6 * 3600, "correct": 6 * 3600, "evaluate": 3 * 3600,
 }
 
-#: Config sub-trees each stage reads (over-inclusion only costs a Prefect cache miss,
-#: after which the stage's own skip-when-finished check still applies).
-SECTIONS: dict[str, tuple[str, ...]] = {
-    "data": ("data",),
-    "model": ("model", "training"),
-    "probe": ("generation", "detector", "evaluation", "model.trust_remote_code", "model.dtype", "model.device"),
-    "queries": ("queries", "detector"),
-    "fit": ("influence", "model"),
-    "rank": ("influence", "queries", "model"),
-    "correct": ("correction", "influence", "model", "training", "generation"),
-    "evaluate": ("generation", "detector", "evaluation", "model.trust_remote_code", "model.dtype", "model.device"),
-}
-
-_STAGE_MODULE = {
-    "data": "lancet_core.stages.data", "model": "lancet_core.stages.model", "probe": "lancet_core.stages.probe",
-    "evaluate": "lancet_core.stages.probe", "queries": "lancet_core.stages.influence",
-    "fit": "lancet_core.stages.influence", "rank": "lancet_core.stages.influence",
-    "correct": "lancet_core.stages.correction",
-}
-
 TOP_N_TABLE = 200
-
-
-# ------------------------------------------------------------------------------ keys
-def _sha(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def _source_hash(module: str) -> str:
-    """Content hash of a stage's source file, so editing a stage invalidates Prefect's cache."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return "missing"
-    if spec is None or not spec.origin or not Path(spec.origin).is_file():
-        return "missing"
-    return hashlib.sha256(Path(spec.origin).read_bytes()).hexdigest()[:16]
-
-
-def output_key(stage_dir: str | Path) -> str:
-    """Content key of a finished stage: its manifest's inputs key and file checksums."""
-    manifest = read_manifest(stage_dir) or {}
-    return _sha({"inputs_key": manifest.get("inputs_key"), "files": manifest.get("files", {})})
-
-
-def stage_cache_key(stage: str, cfg: LancetConfig, **content: Any) -> str:
-    """The Prefect cache key of a stage: task version, config sub-trees, upstream content keys."""
-    parts = {
-        "task": stage,
-        "version": VERSIONS[stage],
-        "config": cfg.section_hash(*SECTIONS[stage]),
-        "seed": cfg.seed,
-        "run_dir": str(cfg.run_dir().resolve()),
-        "code": _source_hash(_STAGE_MODULE[stage]),
-        **{k: v for k, v in content.items()},
-    }
-    return f"lancet-{stage}-v{VERSIONS[stage]}-{_sha(parts)}"
-
-
-def _key_fn(stage: str, *content_params: str, extra: dict[str, Any] | None = None) -> Callable:
-    """``cache_key_fn(context, parameters)`` reading only content keys from the parameters."""
-
-    def cache_key(context: Any, parameters: dict[str, Any]) -> str:
-        cfg = parameters["cfg"]
-        content = {name: parameters.get(name) for name in content_params}
-        return stage_cache_key(stage, cfg, **content, **(extra or {}))
-
-    cache_key.__name__ = f"{stage}_cache_key"
-    return cache_key
 
 
 # ------------------------------------------------------------------------------ payloads
@@ -148,7 +71,7 @@ def _payload(stage: str, res: Any, started: float, run: tracking.RunLogger) -> d
         outputs["model_dir"] = str(Path(outputs["model_dir"]).resolve())
     return {
         "stage": stage, "version": VERSIONS[stage], "path": str(path), "outputs": outputs,
-        "cached": bool(res.cached), "prefect_cached": False, "seconds": float(res.seconds or 0.0),
+        "cached": bool(res.cached), "seconds": float(res.seconds or 0.0),
         "wall_s": round(time.time() - started, 3), "key": output_key(path), "mlflow_run_id": run.run_id,
     }
 
@@ -158,14 +81,15 @@ def _common_tags(res: Any) -> dict[str, Any]:
 
 
 def _stage_opts(stage: str, **kw: Any) -> dict[str, Any]:
-    opts = dict(name=f"lancet-{stage}", version=VERSIONS[stage], persist_result=True,
-                result_serializer="json", timeout_seconds=TIMEOUTS[stage])
+    # No Prefect cache and no persisted results: the stage manifest is the only reuse decision.
+    opts = dict(name=f"lancet-{stage}", version=VERSIONS[stage], cache_policy=NO_CACHE, persist_result=False,
+                timeout_seconds=TIMEOUTS[stage])
     opts.update(kw)
     return opts
 
 
 # ------------------------------------------------------------------------------ tasks
-@task(**_stage_opts("data", retries=2, retry_delay_seconds=5), cache_key_fn=_key_fn("data"))
+@task(**_stage_opts("data", retries=2, retry_delay_seconds=5))
 def load_data(cfg: LancetConfig, parent_run_id: str | None = None) -> dict[str, Any]:
     """Stage 1: the training table, held-out samples, probes and eval sets (retried: may download)."""
     from lancet_core.stages.data import data_stage, load_tables, table_digest
@@ -188,7 +112,7 @@ def load_data(cfg: LancetConfig, parent_run_id: str | None = None) -> dict[str, 
         return _payload("data", res, started, run)
 
 
-@task(**_stage_opts("model"), cache_key_fn=_key_fn("model", "data_digest"))
+@task(**_stage_opts("model"))
 def train_model(cfg: LancetConfig, data_dir: str, data_digest: str, parent_run_id: str | None = None) -> dict[str, Any]:
     """Stage 2: fine-tune (or load) the contaminated model; logs the HF checkpoint folder."""
     from lancet_core.stages.model import model_stage
@@ -221,23 +145,22 @@ def _log_probe(run: tracking.RunLogger, res: Any, table_name: str) -> None:
         run.artifact(gens, "generations")
 
 
-@task(**_stage_opts("probe"), task_run_name="detect-unsafe[{name}]",
-      cache_key_fn=_key_fn("probe", "data_digest", "model_checksum", "name"))
+@task(**_stage_opts("probe"), task_run_name="detect-unsafe[{name}]")
 def detect_unsafe(cfg: LancetConfig, data_dir: str, data_digest: str, model_dir: str, model_checksum: str,
-                  name: str = "probe", parent_run_id: str | None = None) -> dict[str, Any]:
+                  name: str = "probe", parent_run_id: str | None = None, model_key: str | None = None) -> dict[str, Any]:
     """Stage 3: generate on the probe prompts and grade them; the unsafe outputs table."""
     from lancet_core.stages.probe import probe_stage
 
     started = time.time()
     with tracking.child_run(cfg, parent_run_id, name, VERSIONS["probe"],
                             {"lancet.checksum": model_checksum}) as run:
-        res = probe_stage(cfg, data_dir, model_dir, model_checksum, data_digest, name=name)
+        res = probe_stage(cfg, data_dir, model_dir, model_checksum, data_digest, name=name, model_key=model_key)
         run.tags(_common_tags(res))
         _log_probe(run, res, "unsafe_outputs")
         return _payload("probe", res, started, run)
 
 
-@task(**_stage_opts("queries"), cache_key_fn=_key_fn("queries", "probe_key"))
+@task(**_stage_opts("queries"))
 def build_queries(cfg: LancetConfig, probe_dir: str, probe_key: str, parent_run_id: str | None = None) -> dict[str, Any]:
     """Stage 4: the influence query set (deduplicated unsafe outputs); may say nothing to correct."""
     from lancet_core.stages.influence import queries_stage
@@ -253,7 +176,7 @@ def build_queries(cfg: LancetConfig, probe_dir: str, probe_key: str, parent_run_
         return _payload("queries", res, started, run)
 
 
-@task(**_stage_opts("fit"), cache_key_fn=_key_fn("fit", "data_digest", "model_checksum"))
+@task(**_stage_opts("fit"))
 def fit_influence(cfg: LancetConfig, data_dir: str, data_digest: str, model_dir: str, model_checksum: str,
                   parent_run_id: str | None = None) -> dict[str, Any]:
     """Stage 5: fit the curvature factors (LinFAC by default); logs the safetensors and manifest."""
@@ -325,10 +248,9 @@ def _rescore_top(cfg: LancetConfig, ids: list[str], model_dir: str, fit_dir: str
     return matrix, queries["query_id"].astype(str).tolist(), ids, "per-query scores / row max |score|"
 
 
-@task(**_stage_opts("rank"), cache_key_fn=_key_fn("rank", "data_digest", "model_checksum", "fit_key", "queries_key"))
+@task(**_stage_opts("rank"))
 def rank_training_data(cfg: LancetConfig, data_dir: str, data_digest: str, model_dir: str, model_checksum: str,
-                       fit_dir: str, fit_key: str, queries_dir: str, queries_key: str,
-                       parent_run_id: str | None = None) -> dict[str, Any]:
+                       fit_dir: str, queries_dir: str, parent_run_id: str | None = None) -> dict[str, Any]:
     """Stage 6: score every training sample against the queries; logs the ranking, tables and plots."""
     from lancet_core.stages.influence import rank_stage
     from tasks import plots
@@ -359,9 +281,9 @@ def rank_training_data(cfg: LancetConfig, data_dir: str, data_digest: str, model
         return _payload("rank", res, started, run)
 
 
-@task(**_stage_opts("correct"), cache_key_fn=_key_fn("correct", "data_digest", "model_checksum", "rank_key"))
+@task(**_stage_opts("correct"))
 def correct_model(cfg: LancetConfig, data_dir: str, data_digest: str, model_dir: str, model_checksum: str,
-                  rank_dir: str, rank_key: str, parent_run_id: str | None = None) -> dict[str, Any]:
+                  rank_dir: str, parent_run_id: str | None = None) -> dict[str, Any]:
     """Stage 7: correct the model from the ranking (IBO by default); logs the corrected checkpoint."""
     from lancet_core.stages.correction import correct_stage
 
@@ -382,18 +304,17 @@ def correct_model(cfg: LancetConfig, data_dir: str, data_digest: str, model_dir:
         return _payload("correct", res, started, run)
 
 
-@task(**_stage_opts("evaluate"), task_run_name="evaluate[{name}]",
-      cache_key_fn=_key_fn("evaluate", "data_digest", "model_checksum", "name"))
+@task(**_stage_opts("evaluate"), task_run_name="evaluate[{name}]")
 def evaluate_model(cfg: LancetConfig, data_dir: str, data_digest: str, model_dir: str, model_checksum: str,
                    before: dict[str, Any] | None = None, name: str = "evaluate",
-                   parent_run_id: str | None = None) -> dict[str, Any]:
+                   parent_run_id: str | None = None, model_key: str | None = None) -> dict[str, Any]:
     """Stage 8: the same behaviour probe on the corrected model (the *after* column)."""
     from lancet_core.stages.probe import probe_stage
     from tasks import plots
 
     started = time.time()
     with tracking.child_run(cfg, parent_run_id, name, VERSIONS["evaluate"], {"lancet.checksum": model_checksum}) as run:
-        res = probe_stage(cfg, data_dir, model_dir, model_checksum, data_digest, name=name)
+        res = probe_stage(cfg, data_dir, model_dir, model_checksum, data_digest, name=name, model_key=model_key)
         run.tags(_common_tags(res))
         _log_probe(run, res, "unsafe_outputs_after")
         if before:
@@ -428,8 +349,3 @@ def _table_columns(df: pd.DataFrame) -> pd.DataFrame:
     """Drop the per-query columns of single mode from the logged tables (they are in the parquet)."""
     return df[[c for c in df.columns if not str(c).startswith("q_")]]
 
-
-STAGE_TASKS = {
-    "data": load_data, "model": train_model, "probe": detect_unsafe, "queries": build_queries,
-    "fit": fit_influence, "rank": rank_training_data, "correct": correct_model, "evaluate": evaluate_model,
-}

@@ -42,18 +42,19 @@ def pause_inside(stage_name: str, marker: Path) -> None:
     storage.file_sha256 = file_sha256
 
 
-def main(out_dir: str, pause_at: str | None = None) -> dict:
+def main(out_dir: str, pause_at: str | None = None, overrides: list[str] | None = None) -> dict:
     from lancet_core.config import load_config
     from lancet_core.stages.correction import correct_stage
     from lancet_core.stages.data import data_stage
     from lancet_core.stages.influence import fit_stage, queries_stage, rank_stage
     from lancet_core.stages.model import model_stage
     from lancet_core.stages.probe import probe_stage
-    from lancet_core.storage import read_manifest
+    from lancet_core.storage import output_key
 
     if pause_at:
         pause_inside(pause_at, Path(out_dir) / "paused")
-    cfg = load_config(ROOT / "configs" / "small.yaml", [f"output_dir={out_dir}", "tracking.enabled=false"])
+    cfg = load_config(ROOT / "configs" / "small.yaml",
+                      [f"output_dir={out_dir}", "tracking.enabled=false", *(overrides or [])])
     stages: dict = {}
 
     def done(name: str, res):  # one line per finished stage, so a killed run still reports
@@ -63,12 +64,14 @@ def main(out_dir: str, pause_at: str | None = None) -> dict:
 
     d = done("data", data_stage(cfg))
     m = done("model", model_stage(cfg, d.path, d["digest"]))
-    p = done("probe", probe_stage(cfg, d.path, m["model_dir"], m["checksum"], d["digest"]))
-    q = done("queries", queries_stage(cfg, p.path, read_manifest(p.path)["inputs_key"]))
+    p = done("probe", probe_stage(cfg, d.path, m["model_dir"], m["checksum"], d["digest"],
+                                  model_key=output_key(m.path)))
+    q = done("queries", queries_stage(cfg, p.path, output_key(p.path)))
     f = done("fit", fit_stage(cfg, d.path, d["digest"], m["model_dir"], m["checksum"]))
     r = done("rank", rank_stage(cfg, d.path, d["digest"], m["model_dir"], m["checksum"], f.path, q.path))
     c = done("correct", correct_stage(cfg, d.path, d["digest"], m["model_dir"], m["checksum"], r.path))
-    e = done("evaluate", probe_stage(cfg, d.path, c["model_dir"], c["checksum"], d["digest"], name="evaluate"))
+    e = done("evaluate", probe_stage(cfg, d.path, c["model_dir"], c["checksum"], d["digest"], name="evaluate",
+                                     model_key=output_key(c.path)))
     return {"cached": {k: v.cached for k, v in stages.items()}, "model_checksum": m["checksum"],
             "corrected_checksum": c["checksum"], "ranking_metrics": r["metrics"], "after": e["metrics"],
             "before": p["metrics"]}

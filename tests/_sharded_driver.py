@@ -33,7 +33,7 @@ def main(spec_path: str, out_path: str) -> None:
 
         result = lancet_correction(cfg)
     else:
-        from flows.correction import with_runner
+        from tasks.orchestration import with_runner
         from flows.sharded import sharded_influence
 
         result = with_runner(sharded_influence, cfg)(

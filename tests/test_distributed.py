@@ -44,7 +44,7 @@ def pipeline(tmp_path_factory):
     from lancet_core.stages.influence import queries_stage
     from lancet_core.stages.model import load_trained, model_stage
     from lancet_core.stages.probe import probe_stage
-    from tasks.stages import output_key
+    from lancet_core.storage import output_key
 
     work = tmp_path_factory.mktemp("sharded")
     cfg = load_config(SMALL, [f"output_dir={work}/outputs", "tracking.enabled=false",

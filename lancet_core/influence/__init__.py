@@ -11,6 +11,10 @@ from lancet_core.influence.base import InfluenceData, InfluenceEstimator
 
 METHODS = ("linfac", "ekfac", "kfac", "identity", "tfidf")
 
+#: Part of every factors/scores reuse key (with a hash of this package's source, see
+#: lancet_core.versioning): bump it when results change for a reason the source cannot show.
+CODE_VERSION = 1
+
 
 def get_estimator(cfg: InfluenceConfig | str | None = None) -> InfluenceEstimator:
     """The estimator named by ``cfg.method`` (a method name alone is accepted too)."""

@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 
 from lancet_core.influence.architectures import TrackedMap
 from lancet_core.influence.base import InfluenceData, InfluenceEstimator
-from lancet_core.influence.hooks import (ActivationRecorder, response_logprob, sampled_logprob,
-                                         sequence_gradients, trim_padding)
+from lancet_core.influence.hooks import (ActivationRecorder, length_sorted_batches, response_logprob, sampled_logprob,
+                                         sequence_gradients)
+from lancet_core.influence.refine import conjugate_gradients, ggn_vector_products
 from lancet_core.models.encoding import EncodedBatch
 from lancet_core.storage import is_complete, read_manifest, stage_writer
 
@@ -206,15 +207,6 @@ def build_factors(eig, lam: list[torch.Tensor], damping: float | None, damping_f
     require_finite("the curvature eigenvalues", lam)
     return [GroupFactors(eA[1].float(), eS[1].float(), l.float(), resolve_damping(l, damping, damping_factor).float())
             for (eA, eS), l in zip(eig, lam)]
-
-
-# ---------------------------------------------------------------------------- batching
-def length_sorted_batches(enc: EncodedBatch, batch_size: int) -> Iterator[tuple[torch.Tensor, EncodedBatch]]:
-    """``(row positions, trimmed batch)`` in order of length: batches of similar lengths pad little."""
-    order = torch.argsort(enc.attention_mask.sum(1), stable=True)
-    for start in range(0, len(order), batch_size):
-        pos = order[start:start + batch_size]
-        yield pos, trim_padding(EncodedBatch(enc.input_ids[pos], enc.attention_mask[pos], enc.labels[pos]))
 
 
 def contract_scores(query, a: torch.Tensor, g: torch.Tensor, route: str | None = None) -> torch.Tensor:
@@ -497,7 +489,6 @@ class KroneckerEstimator(InfluenceEstimator):
     def refined(self, model, maps, grads: list[torch.Tensor], curvature: InfluenceData | None,
                 progress: bool = False) -> list[torch.Tensor]:
         """``(G + D)^{-1} v`` for each query gradient by CG, the factors as preconditioner (``refine.py``)."""
-        from lancet_core.influence.refine import conjugate_gradients, ggn_vector_products
 
         if curvature is None:
             raise ValueError(f"{self.name}: influence.refine_steps={self.cfg.refine_steps} needs the training data "

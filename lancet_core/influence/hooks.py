@@ -35,6 +35,14 @@ def trim_padding(batch: EncodedBatch) -> EncodedBatch:
     return EncodedBatch(batch.input_ids[:, :width], batch.attention_mask[:, :width], batch.labels[:, :width])
 
 
+def length_sorted_batches(enc: EncodedBatch, batch_size: int) -> Iterator[tuple[torch.Tensor, EncodedBatch]]:
+    """``(row positions, trimmed batch)`` in order of length: batches of similar lengths pad little."""
+    order = torch.argsort(enc.attention_mask.sum(1), stable=True)
+    for start in range(0, len(order), batch_size):
+        pos = order[start:start + batch_size]
+        yield pos, trim_padding(EncodedBatch(enc.input_ids[pos], enc.attention_mask[pos], enc.labels[pos]))
+
+
 class ActivationRecorder:
     """Context manager: hooks on the tracked maps of ``model`` for the duration of a ``with`` block.
 

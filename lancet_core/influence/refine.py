@@ -29,8 +29,7 @@ import torch.autograd.forward_ad as fwAD
 from tqdm.auto import tqdm
 
 from lancet_core.influence.architectures import TrackedMap
-from lancet_core.influence.factors import length_sorted_batches
-from lancet_core.influence.hooks import ActivationRecorder, perturbed_outputs
+from lancet_core.influence.hooks import ActivationRecorder, length_sorted_batches, perturbed_outputs
 from lancet_core.models.encoding import EncodedBatch
 
 Blocks = list[torch.Tensor]  # per map group ``[n, q, o, c]``

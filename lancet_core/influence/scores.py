@@ -45,6 +45,7 @@ from lancet_core.influence.base import InfluenceData, InfluenceEstimator
 from lancet_core.influence.metrics import ranking_metrics
 from lancet_core.queries import NothingToCorrect, QuerySet, build_queries
 from lancet_core.storage import is_complete, read_manifest, stage_writer
+from lancet_core.versioning import code_version
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,10 @@ PREVIEW_CHARS = 80
 _SELECTION_ONLY = {"top_k_positive", "top_k_negative"}
 # Fields that change the scores but not the fitted factors.
 _SCORING_ONLY = {"query_rank", "refine_steps", "refine_samples"}
+# The code that fitted factors and scores depend on (lancet_core.versioning): any edit of the
+# influence package, or of how sequences are encoded, invalidates both.
+FIT_CODE = ("lancet_core.influence", "lancet_core.models.encoding")
+SCORE_CODE = FIT_CODE + ("lancet_core.queries",)
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -236,9 +241,9 @@ def _model_key(model) -> str:
 
 def factor_inputs(est: InfluenceEstimator, model, train_data: InfluenceData, cfg: InfluenceConfig,
                   model_id: str | None = None) -> dict:
-    """The cache key of fitted factors: model checksum, training-data digest, config hash."""
+    """The cache key of fitted factors: model checksum, training-data digest, config hash, code version."""
     return {"method": est.name, "model": model_id or _model_key(model), "train": data_digest(train_data),
-            "config": config_hash(cfg, _SELECTION_ONLY | _SCORING_ONLY)}
+            "config": config_hash(cfg, _SELECTION_ONLY | _SCORING_ONLY), "code": code_version(*FIT_CODE)}
 
 
 def fit_factors(model, train_data: InfluenceData, cfg: InfluenceConfig, factors_dir: str | Path, *,
@@ -298,7 +303,7 @@ def score_inputs(est: InfluenceEstimator, model_id: str, train_data: InfluenceDa
     """The cache key of a scores stage (shared by the single-process and the sharded path)."""
     return {**factor_inputs(est, None, train_data, cfg, model_id), "queries": data_digest(query_data),
             "weights": qset.weights.tolist(), "config": config_hash(cfg, _SELECTION_ONLY),
-            "mode": query_cfg.mode, "standardize": query_cfg.standardize}
+            "mode": query_cfg.mode, "standardize": query_cfg.standardize, "code": code_version(*SCORE_CODE)}
 
 
 def finish_ranking(est: InfluenceEstimator, matrix: torch.Tensor | np.ndarray, train: pd.DataFrame,

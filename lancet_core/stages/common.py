@@ -1,4 +1,13 @@
-"""What every stage shares: skip when finished for the same inputs, else compute atomically."""
+"""What every stage shares: skip when finished for the same identity, else compute atomically.
+
+A stage's identity (``stage_inputs``) is the hash of three things, stored in its manifest:
+the content keys of its inputs (upstream stages' ``output_key``, data digests, model
+checksums), the config fields it reads, and the version of the code it runs
+(:func:`lancet_core.versioning.code_version` of the modules its maths lives in). The
+manifest alone decides reuse; nothing above ``lancet_core`` keeps a cache of its own.
+To invalidate a stage on purpose, bump ``CODE_VERSION`` in its module (or in the package
+its maths lives in).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lancet_core.storage import is_complete, read_manifest, stage_writer
+from lancet_core.versioning import code_version
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +33,12 @@ class StageResult:
 
     def __getitem__(self, key: str) -> Any:
         return self.outputs[key]
+
+
+def stage_inputs(stage: str, cfg: Any, reads: tuple[str, ...], code: tuple[str, ...], **content: Any) -> dict:
+    """A stage's identity: ``content`` (upstream keys), the config fields in ``reads``, the code version."""
+    return {"stage": stage, "code": code_version(*code), "reads": list(reads), "config": cfg.section_hash(*reads),
+            **content}
 
 
 def run_stage(stage_dir: Path, inputs: dict[str, Any], compute: Callable[[Path], dict],

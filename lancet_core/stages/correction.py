@@ -12,8 +12,12 @@ from pathlib import Path
 import pandas as pd
 
 from lancet_core.config import LancetConfig
-from lancet_core.stages.common import StageResult, run_stage
-from lancet_core.storage import inputs_key
+from lancet_core.stages.common import StageResult, run_stage, stage_inputs
+from lancet_core.storage import inputs_key, output_key
+
+READS = ("correction", "influence.top_k_positive", "influence.top_k_negative", "training", "generation",
+         "model.max_length")
+CODE = ("lancet_core.correction", "lancet_core.evaluation", "lancet_core.models", "lancet_core.stages.correction")
 
 
 def correct_stage(cfg: LancetConfig, data_dir: str | Path, data_digest: str, model_dir: str | Path,
@@ -27,9 +31,10 @@ def correct_stage(cfg: LancetConfig, data_dir: str | Path, data_digest: str, mod
 
     method = method or cfg.correction.method
     scores_path = Path(rank_dir) / "scores.parquet"
-    inputs = {"stage": "correct", "version": 2, "method": method, "model": model_checksum,
-              "data_digest": data_digest, "scores": _file_key(scores_path),
-              "config": cfg.section_hash("correction", "influence.top_k_positive", "influence.top_k_negative")}
+    # The ranking's output key (its identity and files), not only the table's bytes: new
+    # influence code recomputes the correction even when it ranks identically.
+    inputs = stage_inputs("correct", cfg, READS, CODE, method=method, model=model_checksum,
+                          data_digest=data_digest, ranking=output_key(rank_dir) if scores_path.exists() else "none")
     name = "correction" if method == cfg.correction.method else f"correction-{method}"
     checkpoint_dir = cfg.run_dir() / f"{name}.checkpoints-{inputs_key(inputs)}"
 
@@ -51,8 +56,3 @@ def correct_stage(cfg: LancetConfig, data_dir: str | Path, data_digest: str, mod
     res.outputs["model_dir"] = str(Path(res.path) / "hf")
     return res
 
-
-def _file_key(path: Path) -> str:
-    from lancet_core.storage import file_sha256
-
-    return file_sha256(path)[:16] if path.exists() else "none"

@@ -12,7 +12,11 @@ from pathlib import Path
 import pandas as pd
 
 from lancet_core.config import LancetConfig
-from lancet_core.stages.common import StageResult, run_stage
+from lancet_core.stages.common import StageResult, run_stage, stage_inputs
+
+#: Identity of this stage (lancet_core.stages.common): the settings it reads and the code it runs.
+READS = ("data", "seed")
+CODE = ("lancet_core.data", "lancet_core.stages.data")
 
 TABLES = ("train", "heldout", "probes", "qa_eval", "howto_eval")
 
@@ -58,8 +62,27 @@ def load_tables(data_dir: str | Path) -> dict[str, pd.DataFrame]:
     return {name: pd.read_parquet(data_dir / f"{name}.parquet") for name in TABLES}
 
 
+def source_key(cfg: LancetConfig) -> str:
+    """Content key of the data source: a local file's sha256 (so an edited file is re-read), else its name.
+
+    A hub dataset cannot be hashed before it is downloaded; its name and split (in the
+    config) stand for it.
+    """
+    from lancet_core.storage import file_sha256
+
+    path = Path(cfg.data.path_or_name) if cfg.data.path_or_name else None
+    if cfg.data.source == "world" or path is None:
+        return "embedded-world"
+    if path.is_file():
+        return file_sha256(path)[:16]
+    if path.is_dir():
+        return table_digest(pd.DataFrame({"file": [str(p.relative_to(path)) for p in sorted(path.rglob("*"))
+                                                   if p.is_file()]}))
+    return f"hub:{cfg.data.path_or_name}"
+
+
 def data_stage(cfg: LancetConfig, force: bool = False) -> StageResult:
-    inputs = {"stage": "data", "version": 1, "data": cfg.section_hash("data"), "seed": cfg.seed}
+    inputs = stage_inputs("data", cfg, READS, CODE, source=source_key(cfg))
 
     def compute(out: Path) -> dict:
         tables = _world_tables(cfg) if cfg.data.source == "world" else _dataset_tables(cfg)

@@ -13,15 +13,19 @@ from pathlib import Path
 import pandas as pd
 
 from lancet_core.config import LancetConfig
-from lancet_core.stages.common import StageResult, run_stage
+from lancet_core.stages.common import StageResult, run_stage, stage_inputs
 
 QUERIES_FILE = "queries.parquet"
+# The factors and scores stages are keyed inside lancet_core.influence.scores (factor_inputs,
+# score_inputs), so that library users of fit_factors/run_ranking get the same reuse rule.
+QUERY_READS = ("queries",)
+QUERY_CODE = ("lancet_core.queries", "lancet_core.stages.influence")
 
 
 def queries_stage(cfg: LancetConfig, probe_dir: str | Path, probe_key: str, force: bool = False) -> StageResult:
     from lancet_core.queries import build_queries
 
-    inputs = {"stage": "queries", "version": 1, "probe": probe_key, "config": cfg.section_hash("queries")}
+    inputs = stage_inputs("queries", cfg, QUERY_READS, QUERY_CODE, probe=probe_key)
 
     def compute(out: Path) -> dict:
         unsafe = pd.read_parquet(Path(probe_dir) / "unsafe.parquet")

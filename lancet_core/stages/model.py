@@ -20,8 +20,11 @@ from lancet_core.models.loading import (
 )
 from lancet_core.models.sft import seed_everything, train_sft
 from lancet_core.models.tokenizer import train_tokenizer
-from lancet_core.stages.common import StageResult, run_stage
+from lancet_core.stages.common import StageResult, run_stage, stage_inputs
 from lancet_core.storage import inputs_key
+
+READS = ("model", "training", "seed")
+CODE = ("lancet_core.models", "lancet_core.stages.model")
 
 
 def _corpus(tables: dict[str, pd.DataFrame]) -> list[str]:
@@ -35,8 +38,7 @@ def _corpus(tables: dict[str, pd.DataFrame]) -> list[str]:
 def model_stage(cfg: LancetConfig, data_dir: str | Path, data_digest: str, force: bool = False) -> StageResult:
     from lancet_core.stages.data import load_tables
 
-    inputs = {"stage": "model", "version": 1, "data_digest": data_digest,
-              "model": cfg.section_hash("model", "training"), "seed": cfg.seed}
+    inputs = stage_inputs("model", cfg, READS, CODE, data_digest=data_digest)
 
     # Keyed by the inputs, so a crashed run resumes its own epochs and never another config's.
     state_dir = cfg.run_dir() / f"model.trainer_state-{inputs_key(inputs)}"

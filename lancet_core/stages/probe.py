@@ -11,20 +11,25 @@ import logging
 from pathlib import Path
 
 from lancet_core.config import LancetConfig
-from lancet_core.stages.common import StageResult, run_stage
+from lancet_core.stages.common import StageResult, run_stage, stage_inputs
+
+READS = ("generation", "detector", "evaluation", "model.max_length", "seed")
+CODE = ("lancet_core.models", "lancet_core.detection", "lancet_core.evaluation", "lancet_core.stages.probe")
 
 log = logging.getLogger(__name__)
 
 
 def probe_stage(cfg: LancetConfig, data_dir: str | Path, model_dir: str | Path, model_checksum: str,
-                data_digest: str, name: str = "probe", force: bool = False) -> StageResult:
+                data_digest: str, name: str = "probe", force: bool = False,
+                model_key: str | None = None) -> StageResult:
+    """Generate and grade; ``model_key`` is the output key of the stage that made the model (if any)."""
     from lancet_core.detection import build_detector
     from lancet_core.evaluation.behaviour import evaluate_behaviour
     from lancet_core.stages.data import load_tables
     from lancet_core.stages.model import load_trained
 
-    inputs = {"stage": "probe", "version": 1, "model": model_checksum, "data_digest": data_digest,
-              "config": cfg.section_hash("generation", "detector", "evaluation"), "seed": cfg.seed}
+    inputs = stage_inputs("probe", cfg, READS, CODE, model=model_checksum, model_key=model_key,
+                          data_digest=data_digest)
 
     def compute(out: Path) -> dict:
         tables = load_tables(data_dir)

@@ -86,11 +86,12 @@ def _estimator(cfg: LancetConfig, model):
 
 
 def _base_key(cfg: LancetConfig, model_checksum: str, data_digest: str, n_shards: int) -> str:
-    from lancet_core.influence.scores import _SCORING_ONLY, _SELECTION_ONLY, config_hash
+    from lancet_core.influence.scores import _SCORING_ONLY, _SELECTION_ONLY, SCORE_CODE, config_hash
+    from lancet_core.versioning import code_version
 
     return content_key({"method": cfg.influence.method, "model": model_checksum, "data": data_digest,
                         "config": config_hash(cfg.influence, _SELECTION_ONLY | _SCORING_ONLY), "shards": n_shards,
-                        "max_length": cfg.model.max_length})
+                        "max_length": cfg.model.max_length, "code": code_version(*SCORE_CODE)})
 
 
 def _pick_shard(cfg: LancetConfig, rows: torch.Tensor, shard: int, step: str) -> torch.Tensor:
@@ -208,8 +209,9 @@ def prepare_queries(cfg: LancetConfig, data_dir: str, data_digest: str, model_di
     With ``influence.refine_steps`` this is also where the CG refinement runs (it needs the
     training data's exact GGN, a few dozen sequences by default), so shards stay a plain map.
     """
-    from lancet_core.influence.scores import ESTIMATOR_SUBDIR
+    from lancet_core.influence.scores import ESTIMATOR_SUBDIR, SCORE_CODE
     from lancet_core.storage import file_sha256, read_manifest
+    from lancet_core.versioning import code_version
 
     store = ShardStore(uri or storage_uri(cfg))
     icfg = cfg.influence
@@ -218,7 +220,8 @@ def prepare_queries(cfg: LancetConfig, data_dir: str, data_digest: str, model_di
     key = content_key({"step": "queries", "model": model_checksum,
                        "factors": (read_manifest(fit_dir) or {}).get("files"),
                        "queries": file_sha256(Path(queries_dir) / QUERIES_FILE),
-                       "query_rank": icfg.query_rank, "max_length": cfg.model.max_length, "refine": refine})
+                       "query_rank": icfg.query_rank, "max_length": cfg.model.max_length, "refine": refine,
+                       "code": code_version(*SCORE_CODE)})
 
     def compute():
         model, tokenizer = _model(cfg, model_dir)
