@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import itertools
 import logging
 import sys
@@ -66,10 +65,9 @@ def parse_sweep(items: list[str]) -> dict[str, list[str]]:
 
 
 def _compare_module():
-    spec = importlib.util.spec_from_file_location("compare_correction", Path(__file__).with_name("compare_correction.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    from lancet_core.correction import compare
+
+    return compare
 
 
 def resolve_ranking(cfg, ranking: str, prep: dict, detector, cc) -> pd.DataFrame:

@@ -153,15 +153,9 @@ def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt) 
 
 
 def _compare_module():
-    import importlib.util
+    from lancet_core.correction import compare
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_correction.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location("lancet_compare_correction", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return compare
 
 
 def _flow_ranking(cfg: LancetConfig) -> Path | None:
@@ -195,7 +189,7 @@ def compare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetO
     cfg = load(config, pre + list(set_ or []))
     module = _compare_module()
     if module is None or not hasattr(module, "compare"):
-        fail("benchmarks/compare_correction.py (compare(cfg, ...)) is not available in this checkout")
+        fail("lancet_core.correction.compare is not available in this installation")
     try:
         seed_list = [int(x) for x in seeds.replace(" ", ",").split(",") if x.strip()] if seeds else []
     except ValueError:
@@ -445,21 +439,19 @@ def query_view(cfg: LancetConfig, query: str | None, top: int = 10, recompute: b
 def _rescore_query(cfg: LancetConfig, q: dict[str, Any], train) -> Any:
     import pandas as pd
 
-    from lancet_core.influence import InfluenceData, get_estimator
+    from lancet_core.influence import InfluenceData
+    from lancet_core.influence.scores import load_fitted
     from lancet_core.stages.model import load_trained
 
     run_dir = cfg.run_dir()
     model_dir = run_dir / "model" / "hf"
     if not model_dir.is_dir():
         raise InspectError(f"no model at {model_dir}: run `lancet run` with this config first")
-    est = get_estimator(cfg.influence)
-    if est.needs_fit:
-        fit_dir = run_dir / "factors"
-        candidates = [fit_dir / "estimator", fit_dir]
-        loadable = next((d for d in candidates if d.is_dir() and any(d.glob("*.safetensors"))), None)
-        if loadable is None:
-            raise InspectError(f"no fitted factors under {fit_dir}: run `lancet run` with this config first")
-        est.load(loadable)
+    try:
+        est = load_fitted(cfg.influence, run_dir / "factors")
+    except FileNotFoundError:
+        raise InspectError(f"no fitted factors under {run_dir / 'factors'}: run `lancet run` with this config "
+                           "first") from None
     model, tokenizer = load_trained(model_dir, cfg)
     ids = train["sample_id"].astype(str).tolist()
     train_data = InfluenceData.from_texts(tokenizer, ids, train["prompt"].tolist(), train["response"].tolist(),

@@ -7,3 +7,7 @@ defaults of :mod:`lancet_core.runtime_env` before prefect or mlflow is imported.
 """
 
 import lancet_core  # noqa: F401  (environment defaults before prefect/mlflow)
+
+from tasks import logs as _logs  # noqa: E402
+
+_logs.install()  # user errors in Prefect's logs: one line, no traceback

@@ -30,7 +30,7 @@ from prefect.cache_policies import NO_CACHE
 
 from lancet_core.config import LancetConfig
 from lancet_core.storage import output_key
-from tasks import tracking
+from tasks import logs, tracking
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _stage_opts(stage: str, **kw: Any) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ tasks
-@task(**_stage_opts("data", retries=2, retry_delay_seconds=5))
+@task(**_stage_opts("data", retries=2, retry_delay_seconds=5, retry_condition_fn=logs.retry_unless_user_error))
 def load_data(cfg: LancetConfig, parent_run_id: str | None = None) -> dict[str, Any]:
     """Stage 1: the training table, held-out samples, probes and eval sets (retried: may download)."""
     from lancet_core.stages.data import data_stage, load_tables, table_digest
@@ -221,14 +221,11 @@ def _query_matrix(cfg: LancetConfig, rank_dir: Path, top: pd.DataFrame, model_di
 
 def _rescore_top(cfg: LancetConfig, ids: list[str], model_dir: str, fit_dir: str, queries_dir: str,
                  train: pd.DataFrame) -> tuple[np.ndarray, list[str], list[str], str]:
-    from lancet_core.influence import InfluenceData, get_estimator
-    from lancet_core.influence.scores import ESTIMATOR_SUBDIR
+    from lancet_core.influence import InfluenceData
+    from lancet_core.influence.scores import load_fitted
     from lancet_core.stages.model import load_trained
 
-    est = get_estimator(cfg.influence)
-    if est.needs_fit:
-        sub = Path(fit_dir) / ESTIMATOR_SUBDIR
-        est.load(sub if sub.is_dir() else Path(fit_dir))
+    est = load_fitted(cfg.influence, fit_dir)
     model, tokenizer = load_trained(model_dir, cfg)
     queries = pd.read_parquet(Path(queries_dir) / "queries.parquet")
     by_id = train.assign(sample_id=train["sample_id"].astype(str)).set_index("sample_id").loc[ids]

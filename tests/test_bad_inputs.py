@@ -125,7 +125,7 @@ def test_every_output_unsafe_warns_caps_the_queries_and_goes_on(pipeline, caplog
 
 # ------------------------------------------------------------------------------ NaN / Inf
 def test_non_finite_covariances_are_refused_by_name():
-    from lancet_core.influence.factors import NonFiniteFactorsError, build_factors, eigh64
+    from lancet_core.influence.curvature import NonFiniteFactorsError, build_factors, eigh64
 
     bad = torch.eye(4).repeat(2, 1, 1)
     bad[1, 0, 0] = float("inf")
@@ -139,7 +139,7 @@ def test_non_finite_covariances_are_refused_by_name():
 def test_factors_file_holding_nan_is_refused_on_load(pipeline, tmp_path):
     from lancet_core.influence import get_estimator
     from lancet_core.influence.base import InfluenceData
-    from lancet_core.influence.factors import NonFiniteFactorsError
+    from lancet_core.influence.curvature import NonFiniteFactorsError
     from lancet_core.stages.model import load_trained
 
     cfg, d, m = pipeline["cfg"], pipeline["data"], pipeline["model"]

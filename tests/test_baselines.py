@@ -1,7 +1,7 @@
 """Every baseline runs a few steps on the world model and returns a CorrectionResult.
 
 Kept fast on purpose (few pairs, one epoch, a small monitor); whether a baseline *works* is
-measured by benchmarks/compare_correction.py, not asserted here.
+measured by lancet_core/correction/compare.py (`lancet compare`), not asserted here.
 """
 
 from __future__ import annotations

@@ -26,8 +26,9 @@ from lancet_core.config import InfluenceConfig
 from lancet_core.influence import get_estimator
 from lancet_core.influence.architectures import find_linear_maps, linear_maps, sublayer_maps
 from lancet_core.influence.base import InfluenceData
-from lancet_core.influence.factors import (CovarianceAccumulator, EigenvalueAccumulator, build_factors,
-                                           contract_scores, group_maps, kfac_eigenvalues, low_rank)
+from lancet_core.influence.contraction import contract_scores, low_rank
+from lancet_core.influence.curvature import (CovarianceAccumulator, EigenvalueAccumulator, build_factors, group_maps,
+                                             kfac_eigenvalues)
 from lancet_core.influence.hooks import (ActivationRecorder, additive_deltas, response_logprob, sequence_gradients,
                                          trim_padding)
 from lancet_core.models.encoding import EncodedBatch
@@ -574,7 +575,7 @@ def test_ggn_vector_products_equal_the_exact_ggn(exact_setup, exact_linear, exac
     model, train, _ = exact_setup
     for method, (_, _, ggn) in (("ekfac", exact_linear), ("linfac", exact_virtual)):
         est = get_estimator(InfluenceConfig(method=method))
-        maps = est._bind(model)
+        maps = est.bind(model)
         torch.manual_seed(1)
         V = [torch.randn(len(g.indices), 3, g.d_out, g.cols) for g in est.groups]
         for batch_rows in (600, 7):  # one pass with all 200 x 3 rows; many small passes

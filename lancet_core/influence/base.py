@@ -60,7 +60,7 @@ class InfluenceEstimator(ABC):
         self.cfg = cfg or InfluenceConfig()
 
     @abstractmethod
-    def fit(self, model, train: InfluenceData) -> None:
+    def fit(self, model, train: InfluenceData, progress: bool = False) -> None:
         """Compute and keep the curvature factors."""
 
     @abstractmethod
@@ -76,3 +76,45 @@ class InfluenceEstimator(ABC):
 
     def load(self, path: str | Path) -> None:
         """Read factors written by :meth:`save`."""
+
+
+class ShardableEstimator(InfluenceEstimator):
+    """An estimator whose fit is a map-reduce of summed statistics and whose scoring is a map over shards.
+
+    The single-process path (``fit``/``score``) and the sharded path (lancet_core/stages/sharded.py)
+    call the same steps, so a sharded result equals one process's (tests/test_sharding.py):
+
+    fit:   ``covariance_statistics`` per shard -> sum -> ``eigenbases_from``
+           -> ``eigenvalue_statistics`` per shard -> sum -> ``finish_fit``
+    score: ``prepare_queries`` once -> ``score_prepared`` per training shard
+    """
+
+    @abstractmethod
+    def bind(self, model) -> list:
+        """The model's tracked maps, checked against those the factors were fitted on."""
+
+    @abstractmethod
+    def covariance_statistics(self, model, shard: InfluenceData, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Map step 1: summed covariance statistics of one shard (``rows``: its global row ids)."""
+
+    @abstractmethod
+    def eigenbases_from(self, cov_stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Reduce step 1: eigenbases of the summed covariances."""
+
+    @abstractmethod
+    def eigenvalue_statistics(self, model, shard: InfluenceData, rows: torch.Tensor,
+                              bases: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Map step 2: summed eigenvalue statistics of one shard in the shared eigenbases."""
+
+    @abstractmethod
+    def finish_fit(self, bases: dict[str, torch.Tensor], lam_stats: dict[str, torch.Tensor] | None) -> None:
+        """Reduce step 2: the factors."""
+
+    @abstractmethod
+    def prepare_queries(self, model, queries: InfluenceData, curvature: InfluenceData | None = None,
+                        progress: bool = False) -> list:
+        """Preconditioned query gradients, computed once and shipped to every scoring shard."""
+
+    @abstractmethod
+    def score_prepared(self, model, prepared: list, train: InfluenceData, progress: bool = False) -> torch.Tensor:
+        """``[n_queries, n_train]`` scores of prepared queries against one shard of training data."""

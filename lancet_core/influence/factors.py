@@ -21,235 +21,28 @@ else ``cfg.damping_factor * mean(Lambda_map)`` (kronfluence's heuristic with fac
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from lancet_core.influence.architectures import TrackedMap
-from lancet_core.influence.base import InfluenceData, InfluenceEstimator
-from lancet_core.influence.hooks import (ActivationRecorder, length_sorted_batches, response_logprob, sampled_logprob,
-                                         sequence_gradients)
+from lancet_core.influence.base import InfluenceData, ShardableEstimator
+from lancet_core.influence.contraction import contract_scores, low_rank
+from lancet_core.influence.curvature import (
+    CovarianceAccumulator, EigenvalueAccumulator, GroupFactors, MapGroup, build_factors, eigh64, group_maps,
+    kfac_eigenvalues,
+)
+from lancet_core.influence.hooks import (
+    ActivationRecorder, length_sorted_batches, response_logprob, sampled_logprob, sequence_gradients,
+)
+from lancet_core.influence.persistence import load_factors, save_factors
 from lancet_core.influence.refine import conjugate_gradients, ggn_vector_products
 from lancet_core.models.encoding import EncodedBatch
-from lancet_core.storage import is_complete, read_manifest, stage_writer
-
-FACTORS_FILE = "factors.safetensors"
-
-
-# ---------------------------------------------------------------------------- grouping
-@dataclass
-class MapGroup:
-    """Tracked maps of one gradient shape, processed as one stacked tensor ``[n, ...]``."""
-
-    indices: list[int]  # positions in the estimator's map list
-    d_out: int
-    cols: int
-
-    def stack(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(a [n, B, T, c], g [n, B, T, o])`` of this group from the recorder's per-map pairs."""
-        if len(self.indices) == 1:
-            a, g = pairs[self.indices[0]]
-            return a.unsqueeze(0), g.unsqueeze(0)
-        return (torch.stack([pairs[i][0] for i in self.indices]), torch.stack([pairs[i][1] for i in self.indices]))
-
-
-def group_maps(maps: list[TrackedMap]) -> list[MapGroup]:
-    groups: dict[tuple[int, int], MapGroup] = {}
-    for k, m in enumerate(maps):
-        groups.setdefault(m.shape, MapGroup([], *m.shape)).indices.append(k)
-    return list(groups.values())
-
-
-# ---------------------------------------------------------------------------- factors
-@dataclass
-class GroupFactors:
-    """Eigenbases, eigenvalues (K-FAC or corrected) and damping of one map group."""
-
-    QA: torch.Tensor  # [n, c, c]
-    QS: torch.Tensor  # [n, o, o]
-    lam: torch.Tensor  # [n, o, c]
-    damping: torch.Tensor  # [n]
-
-    def precondition(self, V: torch.Tensor) -> torch.Tensor:
-        """``(Lambda-block + damping)^{-1} V`` for ``V: [n, q, o, c]``."""
-        QA, QS = self.QA.unsqueeze(1), self.QS.unsqueeze(1)
-        inv = (1.0 / (self.lam + self.damping[:, None, None])).to(V.dtype).unsqueeze(1)
-        rotated = QS.transpose(-1, -2) @ V @ QA
-        return QS @ (rotated * inv) @ QA.transpose(-1, -2)
-
-    def to(self, device) -> "GroupFactors":
-        return GroupFactors(self.QA.to(device), self.QS.to(device), self.lam.to(device), self.damping.to(device))
-
-
-def eigh64(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigendecompositions of ``[n, d, d]`` in float64 (float32 loses the small eigenvalues damping acts on).
-
-    One call per matrix, not one batched call: torch's batched CPU ``eigh`` runs LAPACK inside a
-    parallel loop and, on a busy machine, was measured 100x slower than the loop (5.5 s vs 0.05 s
-    for eight 128 x 128 matrices on 2 shared cores).
-    """
-    require_finite("the curvature covariances", [matrix])
-    m = matrix.double()
-    m = 0.5 * (m + m.transpose(-1, -2))
-    pairs = [torch.linalg.eigh(x) for x in m]
-    values, vectors = torch.stack([p[0] for p in pairs]).clamp(min=0.0), torch.stack([p[1] for p in pairs])
-    return values, canonical_signs(vectors)
-
-
-def canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
-    """Flip each eigenvector so its largest-magnitude entry is positive.
-
-    Eigenvectors are defined up to sign; fixing it makes factors fitted from the same
-    covariances (one process or summed shards) comparable entry by entry.
-    """
-    idx = vectors.abs().argmax(dim=-2, keepdim=True)
-    signs = torch.sign(torch.gather(vectors, -2, idx))
-    return vectors * torch.where(signs == 0, torch.ones_like(signs), signs)
-
-
-class NonFiniteFactorsError(ValueError):
-    """Curvature statistics or factors hold NaN/Inf (overflowed gradients, or a damaged factors file)."""
-
-
-def require_finite(what: str, tensors) -> None:
-    """A clear error instead of a LAPACK failure deep in torch, or NaN scores ranked as if meaningful."""
-    bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors)
-    if bad:
-        raise NonFiniteFactorsError(
-            f"influence factors: {what} hold {bad} NaN/Inf values; expected finite numbers. The model's "
-            "gradients overflowed or diverged (check the model stage's losses; model.dtype=float32 instead of "
-            "bfloat16 helps), or the factors file is damaged (delete the factors folder to refit)")
-
-
-def resolve_damping(lam: torch.Tensor, damping: float | None, factor: float) -> torch.Tensor:
-    if damping is not None:
-        return torch.full(lam.shape[:1], float(damping), dtype=torch.float64, device=lam.device)
-    # A map whose gradients are all zero still needs a positive damping to stay invertible.
-    return (factor * lam.double().mean(dim=(1, 2))).clamp(min=1e-30)
-
-
-class CovarianceAccumulator:
-    """Running ``sum a a^T`` and ``sum g g^T`` per group (float64), and the token count."""
-
-    def __init__(self, groups: list[MapGroup], device):
-        self.groups = groups
-        self.A = [torch.zeros(len(g.indices), g.cols, g.cols, dtype=torch.float64, device=device) for g in groups]
-        self.S = [torch.zeros(len(g.indices), g.d_out, g.d_out, dtype=torch.float64, device=device) for g in groups]
-        self.tokens = 0.0
-
-    def add_batch(self, stacked: list[tuple[torch.Tensor, torch.Tensor]], batch: EncodedBatch) -> None:
-        """One batch's ``(a, g)`` per group, and its non-padding token count."""
-        self.tokens += float(batch.attention_mask.sum())
-        for k, (a, g) in enumerate(stacked):
-            self.add_inputs(k, a)
-            self.add_output_grads(k, g)
-
-    def add_inputs(self, k: int, a: torch.Tensor) -> None:
-        a2 = a.flatten(1, 2)  # [n, B*T, c]; padded rows are zero
-        self.A[k] += (a2.transpose(1, 2) @ a2).double()
-
-    def add_output_grads(self, k: int, g: torch.Tensor) -> None:
-        g2 = g.flatten(1, 2)
-        self.S[k] += (g2.transpose(1, 2) @ g2).double()
-
-    def eigenbases(self) -> list[tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
-        """Per group ``((l_A, Q_A), (l_S, Q_S))`` of the token-averaged covariances."""
-        n = max(self.tokens, 1.0)
-        return [(eigh64(A / n), eigh64(S / n)) for A, S in zip(self.A, self.S)]
-
-
-class EigenvalueAccumulator:
-    """Running ``sum_seq (Q_S^T G Q_A)^2`` per group: the EK-FAC eigenvalue correction."""
-
-    def __init__(self, groups: list[MapGroup], eig, device):
-        self.QA = [e[0][1].float().unsqueeze(1) for e in eig]  # [n, 1, c, c]
-        self.QS = [e[1][1].float().unsqueeze(1) for e in eig]  # [n, 1, o, o]
-        self.lam = [torch.zeros(len(g.indices), g.d_out, g.cols, dtype=torch.float64, device=device) for g in groups]
-        self.sequences = 0.0
-
-    def add_gradients(self, k: int, G: torch.Tensor) -> None:
-        """``G: [n, B, o, c]`` per-sequence gradients of group ``k``."""
-        rot = self.QS[k].transpose(-1, -2) @ G.float() @ self.QA[k]
-        self.lam[k] += rot.square().sum(1).double()
-
-    def add_tokens(self, k: int, a: torch.Tensor, g: torch.Tensor) -> None:
-        """Per-token ``a [n, B, T, c]``, ``g [n, B, T, o]`` of group ``k``, by the cheaper exact route.
-
-        ``Q_S^T (sum_t g_t a_t^T) Q_A = (g Q_S)^T (a Q_A)``: rotating the T token vectors costs
-        ``T (c^2 + o^2 + o c)`` per sequence against ``T o c + o c (o + c)`` for rotating the
-        formed gradient -- cheaper whenever sequences are shorter than the layer is wide.
-        """
-        T, c, o = a.shape[2], a.shape[3], g.shape[3]
-        if T * (c * c + o * o + o * c) <= T * o * c + o * c * (o + c):
-            rot = (g.float() @ self.QS[k]).transpose(-1, -2) @ (a.float() @ self.QA[k])
-            self.lam[k] += rot.square().sum(1).double()
-        else:
-            self.add_gradients(k, sequence_gradients(a.float(), g.float()))
-
-    def add_stacked(self, stacked: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        for k, (a, g) in enumerate(stacked):
-            self.add_tokens(k, a, g)
-
-    def eigenvalues(self) -> list[torch.Tensor]:
-        return [lam / max(self.sequences, 1.0) for lam in self.lam]
-
-
-def kfac_eigenvalues(eig) -> list[torch.Tensor]:
-    """``l_S (x) l_A`` laid out as ``[n, o, c]``."""
-    return [eS[0][:, :, None] * eA[0][:, None, :] for eA, eS in eig]
-
-
-def build_factors(eig, lam: list[torch.Tensor], damping: float | None, damping_factor: float) -> list[GroupFactors]:
-    require_finite("the curvature eigenvalues", lam)
-    return [GroupFactors(eA[1].float(), eS[1].float(), l.float(), resolve_damping(l, damping, damping_factor).float())
-            for (eA, eS), l in zip(eig, lam)]
-
-
-def contract_scores(query, a: torch.Tensor, g: torch.Tensor, route: str | None = None) -> torch.Tensor:
-    """``scores[q, b] = sum_n <M_nq, sum_t g_nbt a_nbt^T>``: the exact contraction with fewest FLOPs.
-
-    ``query`` is dense ``M [n, q, o, c]`` or low-rank ``(L [n, q, o, r], R [n, q, c, r])`` with
-    ``M = L R^T``. Either per-sequence gradients of the batch are formed first (a transient
-    ``[n, B, o, c]``, cheaper for dense M whenever there are 2+ queries and 2+ tokens) or the
-    token form ``sum_t (g_t^T L)(R^T a_t)`` is used (cheaper for small rank r). ``route``
-    ("sequence" | "token") forces one (tests check that both agree).
-    """
-    n, B, T, c = a.shape
-    o = g.shape[-1]
-    if isinstance(query, torch.Tensor):
-        q = query.shape[1]
-        by_sequence = B * T * o * c + q * B * o * c <= q * B * T * o * (c + 1)
-        if route == "sequence" or (route is None and by_sequence):
-            G = sequence_gradients(a, g)
-            return torch.bmm(query.reshape(n, q, o * c), G.reshape(n, B, o * c).transpose(1, 2)).sum(0)
-        return torch.einsum("nqbto,nbto->qb", torch.einsum("nqoc,nbtc->nqbto", query, a), g)
-    L, R = query
-    q, r = L.shape[1], L.shape[-1]
-    by_token = q * B * T * r * (o + c + 1) <= B * T * o * c + q * B * o * r * (c + 1)
-    if route == "token" or (route is None and by_token):
-        gl = torch.einsum("nbto,nqor->nqbtr", g, L)
-        ar = torch.einsum("nbtc,nqcr->nqbtr", a, R)
-        return (gl * ar).sum(dim=(0, 3, 4))
-    G = sequence_gradients(a, g)
-    return torch.einsum("nqbor,nqor->qb", torch.einsum("nboc,nqcr->nqbor", G, R), L)
-
-
-def low_rank(M: torch.Tensor, rank: int):
-    """Rank-``rank`` SVD factors ``(L, R)`` of each ``M[n, q]`` (dense M back when rank is full)."""
-    if rank >= min(M.shape[-2:]):
-        return M
-    U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
-    L = (U[..., :rank] * S[..., None, :rank]).to(M.dtype)
-    R = Vh[..., :rank, :].transpose(-1, -2).to(M.dtype)
-    return L.contiguous(), R.contiguous()
-
 
 # ---------------------------------------------------------------------------- estimator
-class KroneckerEstimator(InfluenceEstimator):
+class KroneckerEstimator(ShardableEstimator):
     """Fit Kronecker factors over ``tracked_maps(model)``; score by preconditioned gradient dot products."""
 
     #: EK-FAC/LinFAC re-fit the eigenvalues on per-sequence gradients; K-FAC uses l_S (x) l_A.
@@ -296,7 +89,7 @@ class KroneckerEstimator(InfluenceEstimator):
             return torch.arange(n)
         return torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed))[:k].sort().values
 
-    def _bind(self, model) -> list[TrackedMap]:
+    def bind(self, model) -> list[TrackedMap]:
         maps = self.tracked_maps(model)
         names = [m.name for m in maps]
         if self.map_names is None:
@@ -323,7 +116,7 @@ class KroneckerEstimator(InfluenceEstimator):
     def fit(self, model, train: InfluenceData, progress: bool = False) -> None:
         """Single-process fit: covariances, eigenbases, eigenvalues (one pass when gradients are kept)."""
         self.map_names = None
-        maps = self._bind(model)
+        maps = self.bind(model)
         device = self._device(model)
         rows = self.fit_rows(len(train))
         enc = train.subset(rows).encoded
@@ -389,7 +182,7 @@ class KroneckerEstimator(InfluenceEstimator):
     def covariance_statistics(self, model, shard: InfluenceData, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Map step 1: ``sum a a^T``, ``sum g g^T`` and the token count over one shard's sequences."""
         self._check_shard(shard, rows)
-        maps = self._bind(model)
+        maps = self.bind(model)
         cov = CovarianceAccumulator(self.groups, self._device(model))
         for _, batch, stacked in self._passes(model, maps, shard.encoded, rows):
             cov.add_batch(stacked, batch)
@@ -416,7 +209,7 @@ class KroneckerEstimator(InfluenceEstimator):
                               bases: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Map step 2: ``sum_seq (Q_S^T G Q_A)^2`` over one shard's sequences in the shared eigenbases."""
         self._check_shard(shard, rows)
-        maps = self._bind(model)
+        maps = self.bind(model)
         device = self._device(model)
         acc = EigenvalueAccumulator(self.groups, [((l.to(device), Q.to(device)), (m.to(device), P.to(device)))
                                                   for (l, Q), (m, P) in self._eig_list(bases)], device)
@@ -444,7 +237,7 @@ class KroneckerEstimator(InfluenceEstimator):
 
     def query_gradients(self, model, queries: InfluenceData, maps=None) -> list[torch.Tensor]:
         """Per-group ``[n, n_queries, o, c]`` gradients of ``f_q = log p(response_q | prompt_q)``."""
-        maps = maps or self._bind(model)
+        maps = maps or self.bind(model)
         device = self._device(model)
         out = [torch.zeros(len(g.indices), len(queries), g.d_out, g.cols, device=device) for g in self.groups]
         with ActivationRecorder(model, maps) as rec:
@@ -467,7 +260,7 @@ class KroneckerEstimator(InfluenceEstimator):
         ``curvature``'s fit rows (``refine.py``); ``curvature`` is then required.
         """
         self._check_fitted()
-        maps = self._bind(model)
+        maps = self.bind(model)
         if self.factors is not None:
             self.factors = [f.to(self._device(model)) for f in self.factors]
         grads = self.query_gradients(model, queries, maps)
@@ -509,7 +302,7 @@ class KroneckerEstimator(InfluenceEstimator):
 
     def score_prepared(self, model, prepared: list, train: InfluenceData, progress: bool = False) -> torch.Tensor:
         """``[n_queries, n_train]`` scores of prepared queries: one forward/backward per training batch."""
-        maps = self._bind(model)
+        maps = self.bind(model)
         device = self._device(model)
         n_queries = (prepared[0] if isinstance(prepared[0], torch.Tensor) else prepared[0][0]).shape[1]
         scores = torch.zeros(n_queries, len(train), device=device)
@@ -529,36 +322,9 @@ class KroneckerEstimator(InfluenceEstimator):
         prepared = self.prepare_queries(model, queries, train if curvature is None else curvature, progress)
         return self.score_prepared(model, prepared, train, progress)
 
-    # -- persistence ----------------------------------------------------------------------
-    def _manifest_extra(self) -> dict:
-        return {"method": self.name, "config": self.cfg.model_dump(mode="json"), "map_names": self.map_names,
-                "groups": [{"indices": g.indices, "shape": [g.d_out, g.cols]} for g in self.groups or []],
-                "n_fit": self.n_fit, "stats": self.stats}
-
+    # -- persistence (lancet_core/influence/persistence.py) ---------------------------------
     def save(self, path: str | Path) -> None:
-        if self.needs_fit and self.factors is None:
-            raise RuntimeError(f"{self.name}: nothing to save; call fit() first")
-        tensors = {}
-        for k, f in enumerate(self.factors or []):
-            for key in ("QA", "QS", "lam", "damping"):
-                tensors[f"group{k}.{key}"] = getattr(f, key).detach().cpu().contiguous()
-        extra = self._manifest_extra()
-        extra["shapes"] = {key: list(t.shape) for key, t in tensors.items()}
-        with stage_writer(path, inputs={"method": self.name, "config": extra["config"]}, extra=extra) as tmp:
-            save_file(tensors, str(Path(tmp) / FACTORS_FILE), metadata={"method": self.name})
+        save_factors(self, path)
 
     def load(self, path: str | Path) -> None:
-        path = Path(path)
-        if not is_complete(path):
-            raise FileNotFoundError(f"{path}: no complete {self.name} factors (missing, partial or corrupt manifest)")
-        manifest = read_manifest(path)
-        if manifest.get("method") != self.name:
-            raise ValueError(f"{path} holds {manifest.get('method')!r} factors, not {self.name!r}")
-        self.map_names = manifest["map_names"]
-        self.groups = [MapGroup(g["indices"], *g["shape"]) for g in manifest["groups"]]
-        self.n_fit = manifest.get("n_fit", 0)
-        self.stats = manifest.get("stats", {})
-        tensors = load_file(str(path / FACTORS_FILE)) if (path / FACTORS_FILE).exists() else {}
-        require_finite(f"the factors in {path / FACTORS_FILE}", tensors.values())
-        self.factors = [GroupFactors(*(tensors[f"group{k}.{key}"] for key in ("QA", "QS", "lam", "damping")))
-                        for k in range(len(self.groups))] if self.needs_fit else None
+        load_factors(self, path)

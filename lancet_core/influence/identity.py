@@ -21,7 +21,7 @@ class IdentityEstimator(KroneckerEstimator):
     def fit(self, model, train) -> None:
         """Nothing to fit; binds the tracked maps so that save() records them."""
         self.map_names = None
-        self._bind(model)
+        self.bind(model)
 
     def precondition(self, k: int, V: torch.Tensor) -> torch.Tensor:
         return V

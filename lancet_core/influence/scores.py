@@ -203,6 +203,20 @@ def make_estimator(cfg: InfluenceConfig) -> InfluenceEstimator:
     return get_estimator(cfg)
 
 
+def load_fitted(cfg: InfluenceConfig, factors_dir: str | Path,
+                estimator: InfluenceEstimator | None = None) -> InfluenceEstimator:
+    """The one way to get a fitted estimator: the configured one, its factors read from a factors stage.
+
+    ``factors_dir`` is the ``factors/`` stage folder written by :func:`fit_factors` (or by the
+    sharded reduce step); estimators with nothing to fit come back as they are. Missing,
+    partial or corrupt factors raise ``FileNotFoundError`` naming the folder.
+    """
+    est = estimator or make_estimator(cfg)
+    if est.needs_fit:
+        est.load(Path(factors_dir) / ESTIMATOR_SUBDIR)
+    return est
+
+
 @dataclass
 class RankingResult:
     table: pd.DataFrame
@@ -262,8 +276,7 @@ def fit_factors(model, train_data: InfluenceData, cfg: InfluenceConfig, factors_
     started = time.perf_counter()
     if not force and is_complete(factors_dir, inputs):
         log.info("influence: loading %s factors from %s", est.name, factors_dir)
-        if est.needs_fit:
-            est.load(factors_dir / ESTIMATOR_SUBDIR)
+        load_fitted(cfg, factors_dir, est)
         stats_file = factors_dir / FACTOR_STATS_FILE
         stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
         return FittedFactors(est, factors_dir, True, time.perf_counter() - started,

@@ -71,9 +71,10 @@ def _shard(cfg: LancetConfig, model_dir: str, data_dir: str, rows_of):
 def _sharded_estimator(cfg: LancetConfig):
     """The configured estimator, refused by name when it has no factors to shard."""
     from lancet_core.influence import get_estimator
+    from lancet_core.influence.base import ShardableEstimator
 
     est = get_estimator(cfg.influence)
-    if not hasattr(est, "covariance_statistics") or not est.needs_fit:
+    if not isinstance(est, ShardableEstimator) or not est.needs_fit:
         raise ValueError(f"influence.method={cfg.influence.method!r} has no sharded path; "
                          "use linfac, ekfac or kfac, or orchestration.shards=1")
     return est
@@ -81,7 +82,7 @@ def _sharded_estimator(cfg: LancetConfig):
 
 def _estimator(cfg: LancetConfig, model):
     est = _sharded_estimator(cfg)
-    est._bind(model)
+    est.bind(model)
     return est
 
 
@@ -209,7 +210,7 @@ def prepare_queries(cfg: LancetConfig, data_dir: str, data_digest: str, model_di
     With ``influence.refine_steps`` this is also where the CG refinement runs (it needs the
     training data's exact GGN, a few dozen sequences by default), so shards stay a plain map.
     """
-    from lancet_core.influence.scores import ESTIMATOR_SUBDIR, SCORE_CODE
+    from lancet_core.influence.scores import SCORE_CODE, load_fitted
     from lancet_core.storage import file_sha256, read_manifest
     from lancet_core.versioning import code_version
 
@@ -226,7 +227,7 @@ def prepare_queries(cfg: LancetConfig, data_dir: str, data_digest: str, model_di
     def compute():
         model, tokenizer = _model(cfg, model_dir)
         est = _estimator(cfg, model)
-        est.load(Path(fit_dir) / ESTIMATOR_SUBDIR)
+        load_fitted(cfg.influence, fit_dir, est)
         qdata = _query_set(cfg, queries_dir).to_influence_data(tokenizer, cfg.model.max_length)
         curvature = training_data(cfg, data_dir, tokenizer)[1] if icfg.refine_steps else None
         return pack_prepared(est.prepare_queries(model, qdata, curvature))

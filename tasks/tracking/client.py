@@ -146,7 +146,7 @@ def _check_http(uri: str, shown: str, timeout: float, hint: str) -> None:
         reason = "timed out" if isinstance(err, (socket.timeout, TimeoutError)) or "timed out" in str(err) \
             else str(getattr(err, "reason", err))
         raise TrackingUnavailableError(
-            f"MLflow tracking server {shown} did not answer its health check ({reason}; deadline {timeout:g}s); "
+            f"MLflow tracking server {shown} is unreachable (GET /health: {reason}; deadline {timeout:g}s); "
             f"expected a running tracking server there: start it (e.g. `lancet ui`), {hint}") from None
     if status != 200:
         raise TrackingUnavailableError(
@@ -168,7 +168,13 @@ def ensure_experiment(cfg: LancetConfig) -> str:
             if exp.lifecycle_stage == "deleted":
                 client.restore_experiment(exp.experiment_id)
             return exp.experiment_id
-        return client.create_experiment(name, tags={"lancet.config_name": cfg.name})
+        try:
+            return client.create_experiment(name, tags={"lancet.config_name": cfg.name})
+        except Exception:  # a server store: another process created it between the two calls
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     return call(get_or_create)
 
