@@ -1,21 +1,13 @@
-"""Kronecker-factored curvature shared by LinFAC, EK-FAC, K-FAC and the identity baseline.
+"""``KroneckerEstimator``: LinFAC, EK-FAC, K-FAC and the identity baseline as one estimator class.
 
-For a map with per-sequence gradient ``G = sum_t g_t a_t^T`` (``[o, c]``) the curvature block
-is approximated as ``A (x) S`` with ``A = E_tok[a a^T]`` and ``S = E_tok[g g^T]`` (gradients
-of labels sampled from the model: the GGN). With ``A = Q_A diag(l_A) Q_A^T`` and
-``S = Q_S diag(l_S) Q_S^T`` the block is diagonal in the Kronecker eigenbasis, with
-eigenvalues ``Lambda[i, j]`` = ``l_S[i] l_A[j]`` (K-FAC) or, eigenvalue-corrected (EK-FAC,
-George et al. 2018), ``E_seq[(Q_S^T G Q_A)[i, j]^2]`` fit on per-sequence gradients. Then
-
-    (block + lambda I)^{-1} V = Q_S [(Q_S^T V Q_A) / (Lambda + lambda)] Q_A^T.
-
-Maps of one shape are stacked (``MapGroup``) so that every step -- covariances,
-eigendecompositions, preconditioning, score contractions -- is one batched call per shape
-rather than one Python-level call per module. LinFAC's sub-layers are all ``d x d``: one group.
-
-Normalisation (as kronfluence): ``A`` and ``S`` are divided by the number of non-padding
-tokens, ``Lambda`` by the number of sequences. Damping is per map: ``cfg.damping`` if set,
-else ``cfg.damping_factor * mean(Lambda_map)`` (kronfluence's heuristic with factor 0.1).
+It composes the pieces that live in their own modules: the Kronecker curvature and its
+normalisation (:mod:`~lancet_core.influence.curvature`, where the maths is written out), the
+score contraction (:mod:`~lancet_core.influence.contraction`), the CG refinement
+(:mod:`~lancet_core.influence.refine`) and persistence (:mod:`~lancet_core.influence.persistence`).
+What is left here is the orchestration of the passes: the single-process fit (with kept
+per-sequence gradients so the eigenvalue correction needs no second pass), the same fit as
+map-reduce steps over shards (:class:`~lancet_core.influence.base.ShardableEstimator`), and
+scoring. Subclasses say which maps are tracked and whether eigenvalues are corrected.
 """
 
 from __future__ import annotations
