@@ -439,28 +439,18 @@ def query_view(cfg: LancetConfig, query: str | None, top: int = 10, recompute: b
 def _rescore_query(cfg: LancetConfig, q: dict[str, Any], train) -> Any:
     import pandas as pd
 
-    from lancet_core.influence import InfluenceData
-    from lancet_core.influence.scores import load_fitted
-    from lancet_core.stages.model import load_trained
+    from lancet_core.stages.influence import rescore
 
     run_dir = cfg.run_dir()
     model_dir = run_dir / "model" / "hf"
     if not model_dir.is_dir():
         raise InspectError(f"no model at {model_dir}: run `lancet run` with this config first")
     try:
-        est = load_fitted(cfg.influence, run_dir / "factors")
+        matrix = rescore(cfg, model_dir, run_dir / "factors", pd.DataFrame([q]), train, train, progress=True)
     except FileNotFoundError:
         raise InspectError(f"no fitted factors under {run_dir / 'factors'}: run `lancet run` with this config "
                            "first") from None
-    model, tokenizer = load_trained(model_dir, cfg)
-    ids = train["sample_id"].astype(str).tolist()
-    train_data = InfluenceData.from_texts(tokenizer, ids, train["prompt"].tolist(), train["response"].tolist(),
-                                          cfg.model.max_length)
-    qdata = InfluenceData.from_texts(tokenizer, [str(q["query_id"])], [str(q["prompt"])], [str(q["response"])],
-                                     cfg.model.max_length)
-    matrix = est.score(model, qdata, train_data, progress=True)
-    row = matrix[0].detach().cpu().double().numpy() if hasattr(matrix, "detach") else matrix[0]
-    return pd.DataFrame({"sample_id": ids, "score": row})
+    return pd.DataFrame({"sample_id": train["sample_id"].astype(str).tolist(), "score": matrix[0]})
 
 
 @app.command()

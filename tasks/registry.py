@@ -16,10 +16,12 @@
 Every version carries tags: ``lancet_checksum``, ``lancet_local_path`` (the HF folder on
 disk), ``lancet_metrics`` (JSON), ``lancet_eval_key`` (which evaluation set the metrics are
 from), ``lancet_gate`` and ``lancet_gate_reason``.
+
+Retries: these tasks have none of their own; MLflow's HTTP client retries (bounded in
+lancet_core/runtime_env.py) are the one retry layer, so failures do not multiply.
 """
 
 from __future__ import annotations
-
 
 import hashlib
 import json
@@ -40,7 +42,6 @@ log = logging.getLogger(__name__)
 
 VERSION = "1"
 CANDIDATE, CHAMPION = "candidate", "champion"
-HARM_KEYS = ("unsafe_rate",)
 TAG_CHECKSUM, TAG_PATH, TAG_METRICS, TAG_EVAL = "lancet_checksum", "lancet_local_path", "lancet_metrics", "lancet_eval_key"
 TAG_GATE, TAG_REASON = "lancet_gate", "lancet_gate_reason"
 
@@ -182,7 +183,7 @@ def _flat_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ tasks
-@task(name="lancet-champion-info", version=VERSION, retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+@task(name="lancet-champion-info", version=VERSION, cache_policy=NO_CACHE)
 def champion_info(cfg: LancetConfig) -> dict[str, Any] | None:
     """The registered ``champion`` (version, checksum, local path, metrics), or None."""
     if not cfg.tracking.enabled:
@@ -191,7 +192,7 @@ def champion_info(cfg: LancetConfig) -> dict[str, Any] | None:
     return _version_info(mv) if mv is not None else None
 
 
-@task(name="lancet-register-candidate", version=VERSION, retries=2, retry_delay_seconds=5, timeout_seconds=3600,
+@task(name="lancet-register-candidate", version=VERSION, timeout_seconds=3600,
       cache_policy=NO_CACHE)
 def register_candidate(cfg: LancetConfig, model_dir: str, checksum: str, metrics: dict[str, Any],
                        eval_key: str, parent_run_id: str | None = None,
@@ -236,7 +237,7 @@ def register_candidate(cfg: LancetConfig, model_dir: str, checksum: str, metrics
                 "alias_uri": f"models:/{name}@{CANDIDATE}", "mlflow_run_id": run.run_id}
 
 
-@task(name="lancet-promotion-gate", version=VERSION, retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+@task(name="lancet-promotion-gate", version=VERSION, cache_policy=NO_CACHE)
 def promotion_gate(cfg: LancetConfig, version: str | None, candidate_metrics: dict[str, Any],
                    baseline_metrics: dict[str, Any], baseline_label: str,
                    parent_run_id: str | None = None, correction: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -255,7 +256,7 @@ def promotion_gate(cfg: LancetConfig, version: str | None, candidate_metrics: di
     if cfg.tracking.enabled and version is not None:
         client, name = _client(cfg), cfg.tracking.registered_model
         tracking.call(client.set_model_version_tag, name, version, TAG_GATE,
-                         "promoted" if decision.promote else "rejected")
+                      "promoted" if decision.promote else "rejected")
         tracking.call(client.set_model_version_tag, name, version, TAG_REASON, decision.reason[:5000])
         if decision.promote:
             tracking.call(client.set_registered_model_alias, name, CHAMPION, version)
@@ -264,7 +265,7 @@ def promotion_gate(cfg: LancetConfig, version: str | None, candidate_metrics: di
             "version": version, "baseline": baseline_label}
 
 
-@task(name="lancet-materialize-champion", version=VERSION, retries=2, retry_delay_seconds=5, timeout_seconds=3600,
+@task(name="lancet-materialize-champion", version=VERSION, timeout_seconds=3600,
       cache_policy=NO_CACHE)
 def materialize_champion(cfg: LancetConfig, info: dict[str, Any]) -> dict[str, Any]:
     """An HF folder of the champion: its recorded local path when intact, else downloaded from MLflow."""

@@ -221,24 +221,11 @@ def _query_matrix(cfg: LancetConfig, rank_dir: Path, top: pd.DataFrame, model_di
 
 def _rescore_top(cfg: LancetConfig, ids: list[str], model_dir: str, fit_dir: str, queries_dir: str,
                  train: pd.DataFrame) -> tuple[np.ndarray, list[str], list[str], str]:
-    from lancet_core.influence import InfluenceData
-    from lancet_core.influence.scores import load_fitted
-    from lancet_core.stages.model import load_trained
+    from lancet_core.stages.influence import rescore
 
-    est = load_fitted(cfg.influence, fit_dir)
-    model, tokenizer = load_trained(model_dir, cfg)
     queries = pd.read_parquet(Path(queries_dir) / "queries.parquet")
-    by_id = train.assign(sample_id=train["sample_id"].astype(str)).set_index("sample_id").loc[ids]
-    tdata = InfluenceData.from_texts(tokenizer, ids, by_id["prompt"].tolist(), by_id["response"].tolist(),
-                                     cfg.model.max_length)
-    qdata = InfluenceData.from_texts(tokenizer, queries["query_id"].astype(str).tolist(),
-                                     queries["prompt"].tolist(), queries["response"].tolist(), cfg.model.max_length)
-    curvature = None
-    if cfg.influence.refine_steps:  # the refinement solves with the training data's GGN, not the top rows'
-        curvature = InfluenceData.from_texts(tokenizer, train["sample_id"].astype(str).tolist(), train["prompt"].tolist(),
-                                             train["response"].tolist(), cfg.model.max_length)
-    matrix = est.score(model, qdata, tdata, progress=False, curvature=curvature)
-    matrix = matrix.detach().cpu().double().numpy() if hasattr(matrix, "detach") else np.asarray(matrix, float)
+    samples = train.assign(sample_id=train["sample_id"].astype(str)).set_index("sample_id").loc[ids].reset_index()
+    matrix = np.asarray(rescore(cfg, model_dir, fit_dir, queries, samples, train), float)
     # Each query's row divided by its largest |score| (sign kept), so one large-norm query does not dominate.
     scale = np.abs(matrix).max(axis=1, keepdims=True)
     matrix = np.divide(matrix, scale, out=np.zeros_like(matrix), where=scale > 0)

@@ -96,3 +96,31 @@ def test_code_and_setting_changes_recompute_exactly_what_depends_on_them(tmp_pat
     manifest = read_manifest(Path(out) / "lancet-small" / "factors")
     assert manifest["inputs"]["code"]["lancet_core.influence"].startswith(f"{influence.CODE_VERSION}:")
     json.dumps(manifest)  # the manifest stays plain JSON
+
+
+@pytest.mark.slow
+def test_rescoring_from_the_saved_factors_reproduces_the_ranking(tmp_path):
+    """The views' re-scoring (heatmap, lancet inspect) gives the scores the ranking was built from."""
+    import numpy as np
+    import pandas as pd
+
+    from _pipeline_driver import main
+    from lancet_core.config import load_config
+    from lancet_core.influence.scores import aggregate
+    from lancet_core.stages.influence import rescore
+
+    out = tmp_path / "out"
+    main(str(out))
+    cfg = load_config(ROOT / "configs" / "small.yaml", [f"output_dir={out}", "tracking.enabled=false"])
+    run = cfg.run_dir()
+    train = pd.read_parquet(run / "data" / "train.parquet")
+    queries = pd.read_parquet(run / "queries" / "queries.parquet")
+    table = pd.read_parquet(run / "scores" / "scores.parquet").set_index("sample_id")
+    full = rescore(cfg, run / "model" / "hf", run / "factors", queries, train, train)
+    assert full.shape == (len(queries), len(train))
+    agg = aggregate(full, queries["n_merged"].to_numpy(float), cfg.queries.standardize)
+    np.testing.assert_allclose(agg, table.loc[train["sample_id"].astype(str), "score"].to_numpy(), rtol=1e-4,
+                               atol=1e-4)
+    some = train.iloc[[5, 0, 17]]  # a subset, out of order: the same columns
+    np.testing.assert_allclose(rescore(cfg, run / "model" / "hf", run / "factors", queries, some, train),
+                               full[:, [5, 0, 17]], rtol=1e-4, atol=1e-6)

@@ -84,3 +84,29 @@ def rank_stage(cfg: LancetConfig, data_dir: str | Path, data_digest: str, model_
         "metrics": result.metrics, "timings": result.timings, "n_queries": len(queries),
         "n_positive": len(positive), "n_negative": len(negative), "method": cfg.influence.method,
         "nothing_to_correct": False}, cached=result.reused_scores, seconds=result.timings.get("score_s", 0.0))
+
+
+def rescore(cfg: LancetConfig, model_dir: str | Path, fit_dir: str | Path, queries: pd.DataFrame,
+            samples: pd.DataFrame, train: pd.DataFrame | None = None, progress: bool = False):
+    """``[n_queries, n_samples]`` influence of ``samples`` on ``queries`` with the fitted factors of ``fit_dir``.
+
+    The one way views re-score a few rows after the ranking (the heatmap of the top samples,
+    ``lancet inspect`` of one query): batch mode keeps only the aggregate over queries.
+    ``queries`` needs query_id/prompt/response, ``samples`` sample_id/prompt/response. With
+    ``influence.refine_steps`` the refinement solves with ``train``'s GGN (default: ``samples``).
+    """
+    from lancet_core.influence.base import InfluenceData
+    from lancet_core.influence.scores import load_fitted
+    from lancet_core.stages.model import load_trained
+
+    est = load_fitted(cfg.influence, fit_dir)
+    model, tokenizer = load_trained(model_dir, cfg)
+
+    def encode(df: pd.DataFrame, id_col: str) -> InfluenceData:
+        return InfluenceData.from_texts(tokenizer, df[id_col].astype(str).tolist(), df["prompt"].astype(str).tolist(),
+                                        df["response"].astype(str).tolist(), cfg.model.max_length)
+
+    curvature = encode(train, "sample_id") if cfg.influence.refine_steps and train is not None else None
+    matrix = est.score(model, encode(queries, "query_id"), encode(samples, "sample_id"), progress=progress,
+                       curvature=curvature)
+    return matrix.detach().cpu().double().numpy() if hasattr(matrix, "detach") else matrix
