@@ -22,7 +22,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.sharded import sharded_influence
 from lancet_core.config import LancetConfig
 from tasks import stages
-from tasks.orchestration import FlowRun, flow_run, publish_top_samples, register_and_gate, run_task, with_runner
+from tasks.orchestration import (
+    FlowRun, final_state, flow_run, publish_top_samples, register_and_gate, run_task, with_runner,
+)
 from tasks.summary import pick_metrics, stage_metrics
 
 FLOW_VERSION = "2"
@@ -96,7 +98,7 @@ def lancet_correction(config: LancetConfig = LancetConfig()) -> dict[str, Any]:
                           name="probe")
         run.summary.before = pick_metrics(stage_metrics(probe))
         correct_from(run, data, model, probe)
-    return run.summary.model_dump(mode="json")
+    return final_state(run.summary)
 
 
 if __name__ == "__main__":  # python flows/correction.py [config.yaml]

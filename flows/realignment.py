@@ -19,7 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.correction import FLOW_VERSION, correct_from
 from lancet_core.config import LancetConfig
 from tasks import registry, stages
-from tasks.orchestration import FlowRun, flow_run, realignment_config
+from tasks.orchestration import FlowRun, final_state, flow_run, realignment_config
 from tasks.summary import pick_metrics, stage_metrics
 
 
@@ -30,11 +30,11 @@ def scheduled_realignment(config: LancetConfig = LancetConfig()) -> dict[str, An
     with flow_run(cfg, "lancet-realignment") as run:
         champ = registry.champion_info(cfg)
         if champ is None:
-            run.summary.reason = (f"no champion registered under {cfg.tracking.registered_model!r}: "
-                                  "run `lancet run` (the correction flow) first")
+            run.summary.reason = (f"nothing to check: no champion registered under "
+                                  f"{cfg.tracking.registered_model!r}; run `lancet run` (the correction flow) first")
         else:
             realign(run, champ)
-    return run.summary.model_dump(mode="json")
+    return final_state(run.summary)
 
 
 def realign(run: FlowRun, champ: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from prefect import Flow, Task
+from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from lancet_core.config import LancetConfig
@@ -176,3 +177,13 @@ def realignment_config(cfg: LancetConfig) -> LancetConfig:
     """The re-alignment flow's config: same settings, own output folder, same MLflow experiment."""
     tracking_cfg = cfg.tracking.model_copy(update={"experiment": tracking.experiment_name(cfg)})
     return cfg.model_copy(update={"name": f"{cfg.name}-realign", "tracking": tracking_cfg})
+
+
+def final_state(summary: RunSummary) -> State:
+    """The flow run's terminal state: Completed, with what the run decided as its message.
+
+    The Prefect UI shows the message on the flow run, so a re-alignment that found no
+    champion (or nothing to correct) does not look like one that corrected something.
+    Calling the flow still returns the summary dict.
+    """
+    return Completed(message=summary.reason or "finished", data=summary.model_dump(mode="json"))

@@ -380,3 +380,16 @@ def test_outputs_damaged_in_place_are_detected_and_recomputed_in_the_same_folder
     assert not any(third["cached"][stage] for stage in STAGES), third["cached"]
     assert third["before"] == runs["first"]["before"] and third["after"] == runs["first"]["after"]
     assert third["correction"]["checksum"] == runs["first"]["correction"]["checksum"]
+
+
+@pytest.mark.slow
+def test_a_realignment_with_no_champion_says_it_did_nothing(prefect_harness, tmp_path, monkeypatch):
+    from flows.realignment import scheduled_realignment
+
+    monkeypatch.chdir(tmp_path)
+    cfg = small_config(tmp_path)  # a fresh tracking store: nothing registered
+    state = scheduled_realignment(cfg, return_state=True)
+    assert state.is_completed() and state.message.startswith("nothing to check: no champion registered")
+    summary = state.result()
+    assert summary["reason"] == state.message and summary["before"] is None and not summary["promoted"]
+    assert not (tmp_path / "outputs" / f"{cfg.name}-realign" / "data").exists()  # no stage ran
