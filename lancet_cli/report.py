@@ -3,29 +3,32 @@
 Stage metrics, before/after, the most influential training samples (text and scores),
 the unsafe outputs, and the plots embedded as base64 PNG. No script, no external asset
 (a Content-Security-Policy forbids both), and every string that comes from the data, the
-config or MLflow is HTML-escaped: dataset text is untrusted input.
+config or MLflow is HTML-escaped: dataset text is untrusted input. The page is a Jinja2
+template with autoescape on (lancet_core/evaluation/templates/report.html.j2); this module
+turns the data into its tables and reads the data back from MLflow.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import json
 import math
 import tempfile
 import time
+from collections.abc import Iterable
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+
+from lancet_core.influence.scores import LABEL_COLUMNS
+from lancet_core.influence.views import LEAD_COLUMNS, TRAIL_COLUMNS
 
 TEXT_COLUMNS = ("prompt", "response", "top_query")
-SAMPLE_COLUMNS = ("rank", "sample_id", "score", "z", "planted", "category", "kind", "top_query", "prompt", "response")
+# The influence tables' reading order (lancet_core.influence.views), so page and tables agree.
+SAMPLE_COLUMNS = (*LEAD_COLUMNS, *LABEL_COLUMNS, *TRAIL_COLUMNS)
 UNSAFE_COLUMNS = ("probe_id", "category", "phrasing", "decoding", "unsafe_prob", "prompt", "response")
 MAX_ROWS = 50
-
-
-def esc(value: Any) -> str:
-    """HTML-escape anything (quotes included, so it is safe in attributes too)."""
-    return html.escape("" if value is None else str(value), quote=True)
+TEMPLATE = "report.html.j2"
 
 
 def fmt(value: Any) -> str:
@@ -41,24 +44,25 @@ def fmt(value: Any) -> str:
 
 
 # ------------------------------------------------------------------------------ rendering
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
-h1{font-size:1.5rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:.5rem 0;font-size:.85rem;width:100%}
-th,td{border:1px solid #ddd;padding:.25rem .45rem;text-align:left;vertical-align:top}
-th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-td.text{max-width:32rem;white-space:pre-wrap;word-break:break-word}
-.ok{color:#1a7f37;font-weight:600}.bad{color:#b42318;font-weight:600}.muted{color:#777}
-figure{display:inline-block;margin:.5rem}figure img{max-width:560px;border:1px solid #eee}
-code{background:#f6f6f6;padding:0 .2rem}
-"""
+@lru_cache(maxsize=1)
+def _template():
+    # The template lives in lancet_core so that code below the CLI can render the same page.
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+    env = Environment(loader=PackageLoader("lancet_core.evaluation", "templates"),
+                      autoescape=select_autoescape(["html", "j2"]), undefined=StrictUndefined,
+                      trim_blocks=True, lstrip_blocks=True)
+    return env.get_template(TEMPLATE)
 
 
-def _table(rows: list[dict[str, Any]], columns: Iterable[str] | None = None) -> str:
+def _table(rows: list[dict[str, Any]] | None, columns: Iterable[str] | None = None) -> dict[str, Any] | None:
+    """Rows as the template's table: the columns any row has (in ``columns`` order), and per
+    cell its text and CSS class (numbers right-aligned, long text wrapped). None -> no section."""
+    if rows is None:
+        return None
     if not rows:
-        return '<p class="muted">(none)</p>'
+        return {"columns": [], "rows": []}
     cols = [c for c in (columns or rows[0].keys()) if any(c in r for r in rows)]
-    head = "".join(f"<th>{esc(c)}</th>" for c in cols)
     body = []
     for r in rows:
         cells = []
@@ -66,71 +70,58 @@ def _table(rows: list[dict[str, Any]], columns: Iterable[str] | None = None) -> 
             v = r.get(c)
             cls = "num" if isinstance(v, (int, float)) and not isinstance(v, bool) else (
                 "text" if c in TEXT_COLUMNS else "")
-            cells.append(f'<td class="{cls}">{esc(fmt(v))}</td>')
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+            cells.append({"cls": cls, "text": fmt(v)})
+        body.append(cells)
+    return {"columns": cols, "rows": body}
 
 
-def _kv(items: dict[str, Any]) -> str:
-    return _table([{"key": k, "value": v} for k, v in items.items()], ["key", "value"])
+def _kv(items: dict[str, Any] | None) -> dict[str, Any] | None:
+    return _table([{"key": k, "value": v} for k, v in items.items()], ["key", "value"]) if items else None
+
+
+def _summary_sections(summary: dict[str, Any]) -> dict[str, Any]:
+    if not summary:
+        return {"promotion": None, "before_after": None, "influence": None, "timings": None}
+    before, after = summary.get("before") or {}, summary.get("after") or {}
+    keys = list(dict.fromkeys([*before.keys(), *after.keys()]))
+    cached = summary.get("cached") or {}
+    timings = summary.get("timings_s") or {}
+    return {
+        "promotion": {"promoted": bool(summary.get("promoted")), "reason": summary.get("reason")},
+        "before_after": _table([{"metric": k, "before": before.get(k), "after": after.get(k)} for k in keys],
+                               ["metric", "before", "after"]),
+        "influence": _kv(summary.get("influence")),
+        "timings": _table([{"stage": k, "seconds": v, "cached": cached.get(k)} for k, v in timings.items()],
+                          ["stage", "seconds", "cached"]) if timings else None,
+    }
+
+
+def _stage_rows(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"stage": st.get("name"), "status": st.get("status"), "seconds": st.get("duration_s"),
+             "cached": st.get("cached"), "run_id": st.get("run_id"),
+             "metrics": ", ".join(f"{k}={fmt(v)}" for k, v in sorted((st.get("metrics") or {}).items()))}
+            for st in stages]
+
+
+def _head(rows: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    return None if rows is None else rows[:MAX_ROWS]
 
 
 def render_report(data: dict[str, Any]) -> str:
-    """HTML from the collected report data (pure function; every value escaped)."""
-    summary = data.get("summary") or {}
-    parts = [
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
-        "style-src 'unsafe-inline'\">",
-        f"<title>LANCET report {esc(data.get('run_id'))}</title><style>{_CSS}</style></head><body>",
-        f"<h1>LANCET report: {esc(data.get('run_name') or data.get('run_id'))}</h1>",
-        f"<p class=\"muted\">MLflow run <code>{esc(data.get('run_id'))}</code> in experiment "
-        f"<code>{esc(data.get('experiment'))}</code> ({esc(data.get('tracking_uri'))}); status "
-        f"{esc(data.get('status'))}; generated {esc(data.get('generated'))}</p>",
-    ]
-    if summary:
-        promoted = summary.get("promoted")
-        cls = "ok" if promoted else "bad"
-        parts.append(f"<p>Promotion: <span class=\"{cls}\">{'promoted to champion' if promoted else 'not promoted'}"
-                     f"</span> - {esc(summary.get('reason'))}</p>")
-        before, after = summary.get("before") or {}, summary.get("after") or {}
-        keys = list(dict.fromkeys([*before.keys(), *after.keys()]))
-        rows = [{"metric": k, "before": before.get(k), "after": after.get(k)} for k in keys]
-        parts += ["<h2>Before / after</h2>", _table(rows, ["metric", "before", "after"])]
-        if summary.get("influence"):
-            parts += ["<h2>Influence</h2>", _kv(summary["influence"])]
-        if summary.get("timings_s"):
-            cached = summary.get("cached") or {}
-            rows = [{"stage": k, "seconds": v, "cached": cached.get(k)} for k, v in summary["timings_s"].items()]
-            parts += ["<h2>Stage timings</h2>", _table(rows, ["stage", "seconds", "cached"])]
-    if data.get("metrics"):
-        parts += ["<h2>Run metrics</h2>", _kv(dict(sorted(data["metrics"].items())))]
-    if data.get("stages"):
-        parts.append("<h2>Stages</h2>")
-        rows = []
-        for st in data["stages"]:
-            row = {"stage": st.get("name"), "status": st.get("status"), "seconds": st.get("duration_s"),
-                   "cached": st.get("cached"), "run_id": st.get("run_id")}
-            row["metrics"] = ", ".join(f"{k}={fmt(v)}" for k, v in sorted((st.get("metrics") or {}).items()))
-            rows.append(row)
-        parts.append(_table(rows, ["stage", "status", "seconds", "cached", "metrics", "run_id"]))
-    if data.get("top") is not None:
-        parts += ["<h2>Most influential training samples (raise the unsafe outputs)</h2>",
-                  _table(data["top"][:MAX_ROWS], SAMPLE_COLUMNS)]
-    if data.get("bottom") is not None:
-        parts += ["<h2>Most inhibiting training samples</h2>", _table(data["bottom"][:MAX_ROWS], SAMPLE_COLUMNS)]
-    if data.get("unsafe") is not None:
-        parts += ["<h2>Unsafe outputs (influence queries)</h2>", _table(data["unsafe"][:MAX_ROWS], UNSAFE_COLUMNS)]
-    if data.get("plots"):
-        parts.append("<h2>Plots</h2>")
-        for name, png in data["plots"]:
-            b64 = base64.b64encode(png).decode("ascii")
-            parts.append(f'<figure><img alt="{esc(name)}" src="data:image/png;base64,{b64}">'
-                         f"<figcaption>{esc(name)}</figcaption></figure>")
-    if data.get("params"):
-        parts += ["<h2>Configuration</h2>", _kv(dict(sorted(data["params"].items())))]
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    """HTML from the collected report data (pure function; the template escapes every value)."""
+    return _template().render(
+        run_id=data.get("run_id"), run_name=data.get("run_name"), experiment=data.get("experiment"),
+        tracking_uri=data.get("tracking_uri"), status=data.get("status"), generated=data.get("generated"),
+        **_summary_sections(data.get("summary") or {}),
+        metrics=_kv(dict(sorted(data["metrics"].items())) if data.get("metrics") else None),
+        stages=_table(_stage_rows(data["stages"]), ["stage", "status", "seconds", "cached", "metrics", "run_id"])
+        if data.get("stages") else None,
+        top=_table(_head(data.get("top")), SAMPLE_COLUMNS),
+        bottom=_table(_head(data.get("bottom")), SAMPLE_COLUMNS),
+        unsafe=_table(_head(data.get("unsafe")), UNSAFE_COLUMNS),
+        plots=[(name, base64.b64encode(png).decode("ascii")) for name, png in data.get("plots") or []],
+        params=_kv(dict(sorted(data["params"].items())) if data.get("params") else None),
+    )
 
 
 # ------------------------------------------------------------------------------ collection
@@ -145,7 +136,7 @@ def _load_table(client, run_id: str, path: str, tmp: Path) -> list[dict[str, Any
 
 
 def _plots(client, run_id: str, tmp: Path, prefix: str) -> list[tuple[str, bytes]]:
-    out = []
+    out: list[tuple[str, bytes]] = []
     try:
         arts = client.list_artifacts(run_id, "plots")
     except Exception:
@@ -169,9 +160,9 @@ def collect_report_data(run_id: str, tracking_uri: str) -> dict[str, Any]:
     client = MlflowClient(tracking_uri=expand_env(tracking_uri, "tracking uri"))
     run = client.get_run(run_id)
     exp = client.get_experiment(run.info.experiment_id)
-    children = client.search_runs([run.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'", max_results=1000)
-    children = sorted(children, key=lambda r: r.info.start_time)
+    found = client.search_runs([run.info.experiment_id],
+                               filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'", max_results=1000)
+    children = sorted(found, key=lambda r: r.info.start_time)
     from lancet_core.config import redact
 
     data: dict[str, Any] = {

@@ -76,9 +76,38 @@ def test_render_report_escapes_all_dataset_text():
     })
     assert "<script" not in html.lower()
     assert "<img src=x" not in html and "onerror=alert" not in html.replace("onerror=alert(1)&gt;", "")
-    assert "&lt;script&gt;alert(&quot;pwned&quot;)&lt;/script&gt;" in html
+    # &#34; is markupsafe's (Jinja2 autoescape's) entity for a double quote.
+    assert "&lt;script&gt;alert(&#34;pwned&#34;)&lt;/script&gt;" in html
     assert "default-src 'none'" in html  # CSP: no script, no remote asset even if something slipped through
     assert "data:image/png;base64," in html
+
+
+def test_report_sample_script_stays_text_in_its_cell_and_sections_follow_the_data():
+    from lancet_cli.report import render_report
+
+    sample = "<script>alert(1)</script>"
+    html = render_report({
+        "run_id": "r2", "status": "FINISHED",
+        "summary": {"promoted": True, "reason": "gate passed", "before": {"unsafe_rate": 0.5},
+                    "after": {"unsafe_rate": 0.125}},
+        "top": [{"rank": 1, "sample_id": "w-7", "prompt": sample, "response": "fine", "score": 2.5, "z": 1.25,
+                 "planted": True, "top_query": "q-3", "raw_score": 9.0}],
+        "bottom": [],
+    })
+    assert "<script" not in html
+    # The sample is a text cell of the top table, in the views' reading order; columns the
+    # page does not list (raw_score) stay out.
+    top = html.split("raise the unsafe outputs)</h2>")[1].split("</table>")[0]
+    assert re.findall(r"<th>([^<]*)</th>", top) == ["rank", "sample_id", "prompt", "response", "score", "z",
+                                                     "planted", "top_query"]
+    assert re.findall(r'<td class="[^"]*">([^<]*)</td>', top) == [
+        "1", "w-7", "&lt;script&gt;alert(1)&lt;/script&gt;", "fine", "2.5", "1.25", "yes", "q-3"]
+    assert '<span class="ok">promoted to champion</span> - gate passed' in html
+    assert re.search(r"<td class=\"\">unsafe_rate</td><td class=\"num\">0.5</td><td class=\"num\">0.125</td>", html)
+    # An empty table says so; data that is absent leaves its section out.
+    assert "Most inhibiting training samples</h2>\n<p class=\"muted\">(none)</p>" in html
+    for absent in ("Unsafe outputs", "Plots", "Configuration", "Run metrics", "Stages</h2>", "Stage timings"):
+        assert absent not in html
 
 
 def test_report_command_reads_mlflow_and_escapes(tmp_path, monkeypatch):
@@ -108,7 +137,7 @@ def test_report_command_reads_mlflow_and_escapes(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     html = out.read_text()
     assert "<script" not in html.lower()
-    assert "&lt;script&gt;alert(&quot;pwned&quot;)&lt;/script&gt;" in html
+    assert "&lt;script&gt;alert(&#34;pwned&#34;)&lt;/script&gt;" in html
     assert "w-1" in html and "recall_at_k" in html
     assert len(re.findall(r"data:image/png;base64,[A-Za-z0-9+/=]{100,}", html)) >= 1
 
