@@ -28,6 +28,8 @@ from tasks.orchestration import (
 from tasks.summary import pick_metrics, stage_metrics
 
 FLOW_VERSION = "2"
+#: The run form's defaults (the Prefect UI renders the config model with these values).
+DEFAULT_CONFIG = LancetConfig()
 
 
 @flow(name="lancet-attribution", version=FLOW_VERSION, task_runner=ThreadPoolTaskRunner(max_workers=2))
@@ -50,7 +52,7 @@ def attribution(cfg: LancetConfig, data: dict[str, Any], model: dict[str, Any], 
     out["rank"] = run_task(cfg, parent_run_id, stages.rank_training_data, data_dir=data["path"], data_digest=digest,
                            model_dir=model_dir, model_checksum=checksum, fit_dir=fit["path"],
                            queries_dir=queries["path"])
-    publish_top_samples(cfg, out["rank"])
+    publish_top_samples(cfg, out["rank"], data)
     return out
 
 
@@ -81,7 +83,7 @@ def correct_from(run: FlowRun, data: dict[str, Any], model: dict[str, Any], prob
 
 @flow(name="lancet-correction", version=FLOW_VERSION, task_runner=ThreadPoolTaskRunner(max_workers=2),
       description="Find the training data behind the model's unsafe outputs (influence) and correct the model.")
-def lancet_correction(config: LancetConfig = LancetConfig()) -> dict[str, Any]:
+def lancet_correction(config: LancetConfig = DEFAULT_CONFIG) -> dict[str, Any]:
     """Train (or load) the model, find what causes its unsafe outputs, correct it, evaluate, register.
 
     Returns the summary (``tasks.summary.RunSummary`` as a dict), also written to

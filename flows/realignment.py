@@ -16,7 +16,7 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.correction import FLOW_VERSION, correct_from
+from flows.correction import DEFAULT_CONFIG, FLOW_VERSION, correct_from
 from lancet_core.config import LancetConfig
 from tasks import registry, stages
 from tasks.orchestration import FlowRun, final_state, flow_run, realignment_config
@@ -25,7 +25,7 @@ from tasks.summary import pick_metrics, stage_metrics
 
 @flow(name="lancet-scheduled-realignment", version=FLOW_VERSION, task_runner=ThreadPoolTaskRunner(max_workers=2),
       description="Probe the champion model; when its unsafe rate exceeds the threshold, correct it and gate it.")
-def scheduled_realignment(config: LancetConfig = LancetConfig()) -> dict[str, Any]:
+def scheduled_realignment(config: LancetConfig = DEFAULT_CONFIG) -> dict[str, Any]:
     cfg = realignment_config(config)
     with flow_run(cfg, "lancet-realignment") as run:
         champ = registry.champion_info(cfg)

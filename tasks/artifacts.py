@@ -16,11 +16,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from lancet_core.config import LancetConfig
+from lancet_core.influence.views import top_table
 
 from tasks.summary import SUMMARY_METRICS
 
 VERSION = "1"
-TOP_SAMPLE_COLUMNS = ("rank", "sample_id", "score", "z", "planted", "category", "kind", "top_query", "prompt", "response")
 
 
 def artifact_key(text: str) -> str:
@@ -105,25 +105,22 @@ def write_summary(cfg: LancetConfig, summary: dict[str, Any]) -> Path:
 
 
 @task(name="lancet-publish-top-samples", version=VERSION, retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def publish_top_samples(cfg: LancetConfig, rank_dir: str, n: int = 25) -> int:
-    """Table artifact of the most influential training samples (text truncated)."""
+def publish_top_samples(cfg: LancetConfig, rank_dir: str, data_dir: str, n: int = 25) -> int:
+    """Table artifact of the most influential training samples, with their text (the same view as MLflow's)."""
     scores = pd.read_parquet(Path(rank_dir) / "scores.parquet")
-    top = scores.sort_values("score", ascending=False).head(n)
-    rows = []
-    for _, r in top.iterrows():
-        row = {}
-        for c in TOP_SAMPLE_COLUMNS:
-            if c not in top.columns:
-                continue
-            v = r[c]
-            if isinstance(v, float):
-                v = round(v, 5) if math.isfinite(v) else None
-            elif hasattr(v, "item"):
-                v = v.item()
-            if isinstance(v, str) and len(v) > 160:
-                v = v[:159] + "\u2026"
-            row[c] = v
-        rows.append(row)
+    train = pd.read_parquet(Path(data_dir) / "train.parquet")
+    table = top_table(scores, train, n, text_chars=300)
+    rows = [{k: _cell(v) for k, v in row.items()} for row in table.to_dict("records")]
     create_table_artifact(rows, key=artifact_key(f"{cfg.name}-top-influential"),
-                          description="Training samples that most raise the unsafe outputs (score > 0 causes)")
+                          description="Training samples that most raise the unsafe outputs "
+                                      "(score > 0: training on the sample makes the unsafe answers more likely)")
     return len(rows)
+
+
+def _cell(v: Any) -> Any:
+    """A JSON cell: numpy scalars as numbers, floats rounded, NaN/inf as None."""
+    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
+        v = v.item()
+    if isinstance(v, float):
+        return round(v, 5) if math.isfinite(v) else None
+    return v

@@ -11,7 +11,8 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from prefect import Flow, Task
 from prefect.states import Completed, State
@@ -165,10 +166,10 @@ def register_and_gate(run: FlowRun, data: dict[str, Any], correct: dict[str, Any
     return gate
 
 
-def publish_top_samples(cfg: LancetConfig, rank: dict[str, Any]) -> None:
+def publish_top_samples(cfg: LancetConfig, rank: dict[str, Any], data: dict[str, Any]) -> None:
     """The top-samples table artifact; it must never fail the attribution."""
     try:
-        artifacts.publish_top_samples(cfg, rank["path"])
+        artifacts.publish_top_samples(cfg, rank["path"], data["path"])
     except Exception:  # an artifact is a view, not a result
         log.exception("could not publish the top-samples artifact")
 

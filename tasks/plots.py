@@ -6,7 +6,8 @@ Each function takes plain tables/arrays and returns a Figure; the caller logs an
 from __future__ import annotations
 
 import io
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import matplotlib
 

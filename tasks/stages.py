@@ -29,6 +29,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from lancet_core.config import LancetConfig
+from lancet_core.influence.views import bottom_table, top_table
 from lancet_core.storage import output_key
 from tasks import logs, tracking
 
@@ -213,7 +214,7 @@ def _query_matrix(cfg: LancetConfig, rank_dir: Path, top: pd.DataFrame, model_di
         return None
     queries = sorted(top["top_query"].dropna().astype(str).unique())
     mat = np.zeros((len(queries), len(ids)))
-    for j, (q, sc) in enumerate(zip(top["top_query"].astype(str), top["score"].astype(float))):
+    for j, (q, sc) in enumerate(zip(top["top_query"].astype(str), top["score"].astype(float), strict=True)):
         if q in queries:
             mat[queries.index(q), j] = sc
     return mat, queries, ids, "aggregate score at each sample's top query"
@@ -248,12 +249,11 @@ def rank_training_data(cfg: LancetConfig, data_dir: str, data_digest: str, model
         if run.enabled and scores_path.exists():
             scores = pd.read_parquet(scores_path)
             train = pd.read_parquet(Path(data_dir) / "train.parquet")
-            order = with_text(scores, train).sort_values("score", ascending=False, kind="stable")
-            run.table(_table_columns(order.head(TOP_N_TABLE)), "tables/influence_top.json")
-            run.table(_table_columns(order.tail(TOP_N_TABLE).iloc[::-1]), "tables/influence_bottom.json")
+            run.table(top_table(scores, train, TOP_N_TABLE), "tables/influence_top.json")
+            run.table(bottom_table(scores, train, TOP_N_TABLE), "tables/influence_bottom.json")
             run.artifact(scores_path, "ranking")
             run.figure(plots.influence_histogram(scores), "plots/influence_histogram.png")
-            top = order.drop_duplicates("sample_id").head(40)
+            top = scores.sort_values("score", ascending=False, kind="stable").drop_duplicates("sample_id").head(40)
             mat = _query_matrix(cfg, Path(res.path), top, model_dir, fit_dir, queries_dir, train)
             if mat is not None and mat[0].size:
                 m, qlab, slab, what = mat
@@ -318,18 +318,3 @@ def _log_history(run: tracking.RunLogger, history: pd.DataFrame) -> None:
         step = int(row[step_col]) if step_col and pd.notna(row[step_col]) else int(i)
         rows.append((step, {k: v for k, v in row.items() if k != step_col}))
     run.metric_steps(rows, prefix="history.")
-
-
-def with_text(scores: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
-    """The ranking with each sample's full prompt and response (the table keeps previews)."""
-    if {"prompt", "response"} <= set(scores.columns):
-        return scores
-    text = train[["sample_id", "prompt", "response"]].assign(sample_id=train["sample_id"].astype(str))
-    out = scores.assign(sample_id=scores["sample_id"].astype(str)).merge(text, on="sample_id", how="left")
-    return out.drop(columns=[c for c in ("prompt_preview", "response_preview") if c in out.columns])
-
-
-def _table_columns(df: pd.DataFrame) -> pd.DataFrame:
-    """Drop the per-query columns of single mode from the logged tables (they are in the parquet)."""
-    return df[[c for c in df.columns if not str(c).startswith("q_")]]
-

@@ -61,7 +61,7 @@ class RunSummary(BaseModel):
 
     @classmethod
     def start(cls, cfg: LancetConfig, flow_name: str, parent_run_id: str | None,
-              flow_run_id: str | None) -> "RunSummary":
+              flow_run_id: str | None) -> RunSummary:
         return cls(name=cfg.name, flow=flow_name, flow_run_id=flow_run_id, mlflow_run_id=parent_run_id,
                    mlflow_tracking_uri=redact(cfg.tracking.tracking_uri) if cfg.tracking.enabled else None)
 

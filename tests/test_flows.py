@@ -286,6 +286,10 @@ def test_prefect_artifacts(runs):
     assert kinds.get("lancet-small-top-influential") == "table"
     latest = max((a for a in arts if a.key == "lancet-small-summary"), key=lambda a: a.created)
     assert runs["second"]["mlflow_run_id"] in latest.data  # the newest summary links the newest MLflow run
+    table = max((a for a in arts if a.key == "lancet-small-top-influential"), key=lambda a: a.created)
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert list(rows[0])[:4] == ["rank", "sample_id", "prompt", "response"]
+    assert all(r["prompt"] and r["response"] for r in rows)  # the text people came for, not previews
 
 
 @pytest.mark.slow

@@ -87,7 +87,7 @@ def test_two_runs_starting_together_on_a_fresh_sqlite_store_both_finish(tmp_path
     procs = [subprocess.Popen([sys.executable, "-c", _FRESH_RUN, str(db), str(tmp_path / f"out{i}")], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=240) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0 and out.startswith("ok "), err[-2000:]
     from mlflow import MlflowClient
 

@@ -70,7 +70,7 @@ class GroupFactors:
         rotated = QS.transpose(-1, -2) @ V @ QA
         return QS @ (rotated * inv) @ QA.transpose(-1, -2)
 
-    def to(self, device) -> "GroupFactors":
+    def to(self, device) -> GroupFactors:
         return GroupFactors(self.QA.to(device), self.QS.to(device), self.lam.to(device), self.damping.to(device))
 
 
@@ -148,7 +148,7 @@ class CovarianceAccumulator:
     def eigenbases(self) -> list[tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
         """Per group ``((l_A, Q_A), (l_S, Q_S))`` of the token-averaged covariances."""
         n = max(self.tokens, 1.0)
-        return [(eigh64(A / n), eigh64(S / n)) for A, S in zip(self.A, self.S)]
+        return [(eigh64(A / n), eigh64(S / n)) for A, S in zip(self.A, self.S, strict=True)]
 
 
 class EigenvalueAccumulator:
@@ -194,5 +194,5 @@ def kfac_eigenvalues(eig) -> list[torch.Tensor]:
 
 def build_factors(eig, lam: list[torch.Tensor], damping: float | None, damping_factor: float) -> list[GroupFactors]:
     require_finite("the curvature eigenvalues", lam)
-    return [GroupFactors(eA[1].float(), eS[1].float(), l.float(), resolve_damping(l, damping, damping_factor).float())
-            for (eA, eS), l in zip(eig, lam)]
+    return [GroupFactors(eA[1].float(), eS[1].float(), lm.float(), resolve_damping(lm, damping, damping_factor).float())
+            for (eA, eS), lm in zip(eig, lam, strict=True)]

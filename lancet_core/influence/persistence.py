@@ -22,7 +22,7 @@ FACTORS_FILE = "factors.safetensors"
 _TENSORS = ("QA", "QS", "lam", "damping")
 
 
-def save_factors(est: "KroneckerEstimator", path: str | Path) -> None:
+def save_factors(est: KroneckerEstimator, path: str | Path) -> None:
     if est.needs_fit and est.factors is None:
         raise RuntimeError(f"{est.name}: nothing to save; call fit() first")
     tensors = {f"group{k}.{key}": getattr(f, key).detach().cpu().contiguous()
@@ -34,7 +34,7 @@ def save_factors(est: "KroneckerEstimator", path: str | Path) -> None:
         save_file(tensors, str(Path(tmp) / FACTORS_FILE), metadata={"method": est.name})
 
 
-def load_factors(est: "KroneckerEstimator", path: str | Path) -> None:
+def load_factors(est: KroneckerEstimator, path: str | Path) -> None:
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(f"{path}: no complete {est.name} factors (missing, partial or corrupt manifest)")

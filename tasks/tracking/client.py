@@ -21,7 +21,8 @@ import threading
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
 
 from lancet_core.config import LancetConfig, expand_env, redact
 

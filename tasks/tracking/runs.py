@@ -11,7 +11,8 @@ import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from lancet_core.config import LancetConfig
 from tasks.tracking.client import call, check_tracking_uri, ensure_experiment, get_client
