@@ -15,7 +15,8 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 TEXT_COLUMNS = ("prompt", "response", "top_query")
 SAMPLE_COLUMNS = ("rank", "sample_id", "score", "z", "planted", "category", "kind", "top_query", "prompt", "response")
@@ -141,7 +142,7 @@ def _load_table(client, run_id: str, path: str, tmp: Path) -> list[dict[str, Any
         return None
     blob = json.loads(Path(local).read_text())
     cols, rows = blob.get("columns", []), blob.get("data", [])
-    return [dict(zip(cols, r)) for r in rows]
+    return [dict(zip(cols, r, strict=True)) for r in rows]
 
 
 def _plots(client, run_id: str, tmp: Path, prefix: str) -> list[tuple[str, bytes]]:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 
-@lru_cache(maxsize=None)
+@cache
 def source_hash(module: str) -> str:
     """Hash of a module's source file, or of every ``.py`` file of a package (sorted by path)."""
     spec = importlib.util.find_spec(module)

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pandas as pd
 
 from lancet_core.config import CorrectionConfig, InfluenceConfig, LancetConfig
 from lancet_core.correction.base import (
-    DEFAULT_MONITOR_EVERY, DEFAULT_MONITOR_PROMPTS, GUARD_STOPS, NOT_APPLICABLE, STOP_COMPLETED, STOP_KL,
-    STOP_NON_FINITE, STOP_UTILITY, CorrectionContext, CorrectionResult, CorrectionTrainer, DivergenceMonitor,
+    GUARD_STOPS, NOT_APPLICABLE, STOP_COMPLETED, STOP_KL, STOP_NON_FINITE, STOP_UTILITY, CorrectionContext, CorrectionResult, CorrectionTrainer, DivergenceMonitor,
     not_applicable, retain_pool,
 )
 from lancet_core.correction.baselines import (

@@ -49,7 +49,8 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import pandas as pd
 import torch
@@ -152,7 +153,7 @@ class CorrectionContext:
     progress: bool = False
 
     @classmethod
-    def from_config(cls, cfg: LancetConfig | CorrectionConfig, **kw) -> "CorrectionContext":
+    def from_config(cls, cfg: LancetConfig | CorrectionConfig, **kw) -> CorrectionContext:
         if isinstance(cfg, LancetConfig):
             kw.setdefault("max_length", cfg.model.max_length)
             return cls(cfg=cfg.correction, training=cfg.training, model_cfg=cfg.model, generation=cfg.generation,
@@ -466,15 +467,3 @@ class CorrectionTrainer:
         model = self.finalize_model()
         return CorrectionResult(model, self.history, reason, self.last_good_step, self.method, self.info)
 
-
-def summarize_history(history: list[dict]) -> dict:
-    """Last loss and last check of a history (for logs and reports)."""
-    steps = [h for h in history if h.get("event") == "step"]
-    checks = [h for h in history if h.get("event") == "check"]
-    out: dict = {"steps": len(steps)}
-    if steps:
-        out["final_loss"] = steps[-1]["loss"]
-    if checks:
-        out["final_utility"] = checks[-1]["utility"]
-        out["final_kl"] = checks[-1]["kl"]
-    return out

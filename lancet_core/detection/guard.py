@@ -109,7 +109,7 @@ class GuardDetector(Detector):
         import torch
 
         tok, out = self.tokenizer, []
-        formatted = [self.moderation_prompt(p, r) for p, r in zip(prompts, responses)]
+        formatted = [self.moderation_prompt(p, r) for p, r in zip(prompts, responses, strict=True)]
         old_side, tok.padding_side = tok.padding_side, "left"  # continue from the last real token
         try:
             for s in range(0, len(formatted), self.batch_size):

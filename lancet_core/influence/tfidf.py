@@ -24,7 +24,7 @@ def _texts(data: InfluenceData, text: TextField) -> list[str]:
         return list(data.prompts)
     if text == "response":
         return list(data.responses)
-    return [f"{p} {r}" for p, r in zip(data.prompts, data.responses)]
+    return [f"{p} {r}" for p, r in zip(data.prompts, data.responses, strict=True)]
 
 
 class TfidfEstimator(InfluenceEstimator):

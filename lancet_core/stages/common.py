@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from lancet_core.storage import is_complete, read_manifest, stage_writer
 from lancet_core.versioning import code_version

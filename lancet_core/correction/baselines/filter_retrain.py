@@ -34,7 +34,7 @@ def run_filter_retrain(model, ctx: CorrectionContext) -> CorrectionResult:
                        ctx.max_length, progress=ctx.progress)
     fresh.eval()
     history: list[dict] = [{"event": "step", "step": e + 1, "epoch": e, "loss": tl, "heldout_nll": hl}
-                           for e, (tl, hl) in enumerate(zip(result.train_losses, result.heldout_losses))]
+                           for e, (tl, hl) in enumerate(zip(result.train_losses, result.heldout_losses, strict=True))]
     info = {"n_dropped": len(ctx.train) - len(kept), "n_train": len(kept), "epochs_run": result.epochs_run,
             "best_epoch": result.best_epoch, "guarded": False}
     if len(held):
