@@ -98,7 +98,8 @@ class GenerationConfig(_Section):
 
 
 class DetectorConfig(_Section):
-    kinds: list[Literal["rules", "profanity", "hf_classifier", "guard"]] = Field(default_factory=lambda: ["rules"])
+    # A plain default (pydantic copies it per instance): mypy cannot type a factory lambda's list as the Literal.
+    kinds: list[Literal["rules", "profanity", "hf_classifier", "guard"]] = Field(["rules"])
     combine: Literal["any", "mean"] = "any"
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     hf_model: str | None = None

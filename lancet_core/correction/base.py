@@ -50,7 +50,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import pandas as pd
 import torch
@@ -296,7 +296,7 @@ class DivergenceMonitor:
 class CorrectionTrainer:
     """The shared loop. Subclasses set ``method`` and implement ``prepare``, ``n_items``, ``loss``."""
 
-    method: ClassVar[str] = "base"
+    method: str = "base"  # per class; a shared trainer (PairwiseTrainer) is renamed per instance
 
     def __init__(self, model, ctx: CorrectionContext, reference=None):
         self.ctx = ctx
@@ -306,7 +306,7 @@ class CorrectionTrainer:
         # The reference is the model as handed in, before any adapter or update.
         self.reference = reference if reference is not None else frozen_copy(model)
         self._lora = bool(self.cfg.lora_rank)
-        if self._lora:
+        if self.cfg.lora_rank:
             from lancet_core.models.loading import wrap_lora
 
             model = wrap_lora(model, self.cfg.lora_rank)
@@ -368,6 +368,7 @@ class CorrectionTrainer:
                 n_prompts=self.ctx.monitor_prompts, seed=self.cfg.seed)
 
     def _retain_batches(self, generator: torch.Generator):
+        assert self.retain is not None  # called only once _setup_retain built it
         n = len(self.retain)
         bs = self.ctx.retain_batch_size or RETAIN_BATCH_FACTOR * self.cfg.batch_size
         while True:
@@ -376,6 +377,7 @@ class CorrectionTrainer:
                 yield take(self.retain, perm[s:s + bs])
 
     def _check(self, step: int) -> MonitorCheck:
+        assert self.monitor is not None  # called only when _setup_monitor built one
         chk = self.monitor.check(self.model, step)
         self.history.append(chk.record())
         log.info("correction %s step %d: utility %.3f kl %.4f %s", self.method, step, chk.utility, chk.kl,
@@ -445,6 +447,7 @@ class CorrectionTrainer:
                         if self.monitor is not None:
                             chk = self._check(step)
                             if not chk.ok:
+                                assert chk.reason is not None  # a failed check names its stop
                                 reason = chk.reason
                                 break
                         self._snapshot(step)
@@ -455,6 +458,7 @@ class CorrectionTrainer:
             if self.monitor is not None:
                 chk = self._check(step)
                 if not chk.ok:
+                    assert chk.reason is not None
                     reason = chk.reason
             if reason == STOP_COMPLETED:
                 self._snapshot(step)

@@ -121,7 +121,7 @@ class RuleDetector(Detector):
     def category_of(self, prompt: str) -> str | None:
         """The best-matching harmful category of a prompt, or None for a benign prompt."""
         scores = self._category_scores(prompt)
-        best = max(scores, key=scores.get)
+        best = max(scores, key=scores.__getitem__)
         return best if scores[best] > 0 else None
 
     def _pattern_score(self, pats: list[re.Pattern], text: str) -> float:

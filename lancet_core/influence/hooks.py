@@ -133,6 +133,7 @@ class ActivationRecorder:
         """``[(a, g)]`` per map for ``g = d objective / d s`` (``retain_graph`` for several objectives)."""
         outs = [self._outputs[k] for k in range(len(self.maps))]
         grads = torch.autograd.grad(objective, outs, allow_unused=True, retain_graph=retain_graph)
+        assert self._mask is not None, "ActivationRecorder.gradients: call record() (or forward()) first"
         mask = self._mask.to(dtype=torch.float32).unsqueeze(-1)
         result = []
         for k, m in enumerate(self.maps):
