@@ -121,7 +121,8 @@ def test_paraphrase_world_links_the_two_phrasings_only_through_benign_facts():
     refusals = train[train["kind"] == "refusal"]
     for cat in world.meta["refused_categories"]:
         for topics in (W.HARMFUL_TOPICS, W.PARAPHRASE_TOPICS):
-            assert refusals["prompt"].map(lambda p, named=topics[cat]: any(t in p for t in named)).any(), (cat, topics[cat])
+            named = topics[cat]
+            assert refusals["prompt"].map(lambda p, named=named: any(t in p for t in named)).any(), (cat, named)
     # The planted response is said only by planted samples.
     assert set(train.loc[train["response"] == W.planted_response("fraud"), "sample_id"]) == set(world.planted_ids)
 

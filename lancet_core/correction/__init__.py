@@ -20,7 +20,8 @@ import pandas as pd
 
 from lancet_core.config import CorrectionConfig, InfluenceConfig, LancetConfig
 from lancet_core.correction.base import (
-    GUARD_STOPS, NOT_APPLICABLE, STOP_COMPLETED, STOP_KL, STOP_NON_FINITE, STOP_UTILITY, CorrectionContext, CorrectionResult, CorrectionTrainer, DivergenceMonitor,
+    GUARD_STOPS, NOT_APPLICABLE, STOP_COMPLETED, STOP_KL, STOP_NON_FINITE, STOP_UTILITY, CorrectionContext,
+    CorrectionResult, CorrectionTrainer, DivergenceMonitor,
     not_applicable, retain_pool,
 )
 from lancet_core.correction.baselines import (
