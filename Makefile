@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.lancet-installed
 # import by every entry point); only output buffering is the Makefile's business.
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test bench e2e clean
+.PHONY: install demo test lint bench e2e clean
 
 install: $(STAMP)
 
@@ -26,8 +26,14 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/lancet run --config configs/demo.yaml
 
-test: $(STAMP)
+# The static checks first (seconds), then the suite.
+test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not e2e"
+
+# Static checks: ruff on every Python folder, mypy on lancet_core ([tool.ruff]/[tool.mypy] in pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lancet_core lancet_cli tasks flows tests benchmarks tools
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/influence.py --quick

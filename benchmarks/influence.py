@@ -42,16 +42,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)  # kronfluence's torch.cuda.amp notices
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-import numpy as np
-import psutil
-import torch
+# Imported after the offline defaults and the checkout's sys.path entry above (hence E402).
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import torch  # noqa: E402
 
-from lancet_core.config import InfluenceConfig, LancetConfig
-from lancet_core.influence import get_estimator
-from lancet_core.influence.base import InfluenceData
-from lancet_core.influence.metrics import auroc, ranking_metrics, recall_at_k, reproduced_mask, spearman
-from lancet_core.influence.scores import aggregate, build_scores_table
-from lancet_core.queries import QuerySet, build_queries
+from lancet_core.config import InfluenceConfig, LancetConfig  # noqa: E402
+from lancet_core.influence import get_estimator  # noqa: E402
+from lancet_core.influence.base import InfluenceData  # noqa: E402
+from lancet_core.influence.metrics import auroc, ranking_metrics, recall_at_k, reproduced_mask, spearman  # noqa: E402
+from lancet_core.influence.scores import aggregate, build_scores_table  # noqa: E402
+from lancet_core.queries import QuerySet, build_queries  # noqa: E402
 
 ALL_METHODS = ["linfac", "ekfac", "kfac", "identity", "tfidf", "kronfluence"]
 # On request only: TF-IDF on the prompts alone (the default tfidf reads prompt + response).
@@ -82,7 +83,7 @@ class PeakMemory:
             self._peak = max(self._peak, self.proc.memory_info().rss)
             time.sleep(self.interval_s)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         release_freed_memory()  # else memory freed by an earlier method hides this one's growth
         self._base = self.proc.memory_info().rss
         self._peak = self._base

@@ -33,7 +33,7 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-import pandas as pd
+import pandas as pd  # noqa: E402  (after the offline defaults and the sys.path entry above)
 
 ROOT = Path(__file__).resolve().parents[1]
 

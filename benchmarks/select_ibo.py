@@ -124,8 +124,8 @@ def sweep_one_seed(cc, config: Path, overrides: list[str], sweep: dict[str, list
     rows = [{"run": "contaminated", "stopped": "", "steps": 0, **measure(model, cfg0), "seconds": 0.0}]
     keys = list(sweep)
     for values in itertools.product(*(sweep[k] for k in keys)):
-        cfg = load_config(config, overrides + [f"{k}={v}" for k, v in zip(keys, values)])
-        name = " ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, values)) or "config"
+        cfg = load_config(config, overrides + [f"{k}={v}" for k, v in zip(keys, values, strict=True)])
+        name = " ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, values, strict=True)) or "config"
         started = time.perf_counter()
         res = correct(cfg.correction.method, copy.deepcopy(model), tok, tables["train"], scores, cfg, tables)
         metrics = measure(res.model, cfg) if res.applicable else {}

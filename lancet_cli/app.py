@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -53,7 +53,7 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def load(config: Optional[Path], sets: Optional[list[str]]) -> LancetConfig:
+def load(config: Path | None, sets: list[str] | None) -> LancetConfig:
     """The validated config, or a clean error and exit code 2 (before any work)."""
     try:
         return load_config(config, sets or [])
@@ -123,7 +123,7 @@ def print_summary(summary: dict[str, Any], cfg: LancetConfig) -> None:
 
 # ------------------------------------------------------------------------------ run / compare / serve
 @app.command()
-def run(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+def run(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
     """Run the correction flow (data, model, probe, influence, correction, evaluation, registry)."""
     cfg = load(config, set_)
     if cfg.tracking.enabled:  # seconds, not MLflow's minutes of retries, and before any work
@@ -171,13 +171,13 @@ def _flow_ranking(cfg: LancetConfig) -> Path | None:
 
 
 @app.command()
-def compare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
-            methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: all)."),
+def compare(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
+            methods: str | None = typer.Option(None, help="Comma-separated methods (default: all)."),
             ranking: str = typer.Option("auto", help="auto (the ranking of `lancet run` when it matches the "
                                                      "model, else project) | project | oracle | a scores parquet"),
             recommended: bool = typer.Option(False, help="Apply the recommended correction settings first."),
-            out: Optional[Path] = typer.Option(None, help="Output folder (default <run dir>/compare)."),
-            seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds, e.g. 0,1,2: rerun everything per "
+            out: Path | None = typer.Option(None, help="Output folder (default <run dir>/compare)."),
+            seeds: str | None = typer.Option(None, help="Comma-separated seeds, e.g. 0,1,2: rerun everything per "
                                                            "seed (world, model, ranking, correction), print each "
                                                            "seed's table and the mean over seeds.")) -> None:
     """IBO and every baseline on the same contaminated model and ranking, as one table."""
@@ -254,7 +254,7 @@ def deployments(cfg: LancetConfig) -> list:
 
 
 @app.command()
-def serve(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+def serve(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
     """Serve both flows from this process (flow.serve); the realignment runs on ``orchestration.cron``."""
     cfg = load(config, set_)
     server = use_local_prefect_server()
@@ -280,8 +280,8 @@ def ui_commands(tracking_uri: str, host: str = HOST, mlflow_port: int = MLFLOW_P
 
 
 @app.command()
-def ui(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
-       tracking_uri: Optional[str] = typer.Option(None, help="MLflow backend (default: the config's)."),
+def ui(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
+       tracking_uri: str | None = typer.Option(None, help="MLflow backend (default: the config's)."),
        mlflow_port: int = MLFLOW_PORT, prefect_port: int = PREFECT_PORT,
        host: str = typer.Option(HOST, help="Interface to bind (127.0.0.1: this machine only)."),
        dry_run: bool = typer.Option(False, "--dry-run", help="Print the commands only.")) -> None:
@@ -290,8 +290,8 @@ def ui(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
 
 
 @app.command()
-def server(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
-           tracking_uri: Optional[str] = typer.Option(None, help="MLflow backend (default: the config's)."),
+def server(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
+           tracking_uri: str | None = typer.Option(None, help="MLflow backend (default: the config's)."),
            mlflow_port: int = MLFLOW_PORT, prefect_port: int = PREFECT_PORT,
            host: str = typer.Option(HOST, help="Interface to bind; workers on other machines need a reachable "
                                               "one (and a firewall: the servers have no authentication)."),
@@ -364,9 +364,9 @@ def _latest_run_id(output_dir: str) -> str | None:
 
 @app.command()
 def report(run_id: str = typer.Argument(..., help="MLflow run id of a flow run ('latest' for the last one)."),
-           config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
-           tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: the config's)."),
-           output: Optional[Path] = typer.Option(None, "--output", "-o", help="HTML file to write.")) -> None:
+           config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
+           tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: the config's)."),
+           output: Path | None = typer.Option(None, "--output", "-o", help="HTML file to write.")) -> None:
     """Write a self-contained HTML report (metrics, top influential samples, plots) of a run."""
     cfg = load(config, set_)
     if run_id == "latest":
@@ -385,13 +385,6 @@ def report(run_id: str = typer.Argument(..., help="MLflow run id of a flow run (
 
 class InspectError(RuntimeError):
     """The single-query view cannot be built (missing stage outputs, unknown query id)."""
-
-
-def _text_col(df, name: str):
-    for col in (name, f"{name}_preview"):
-        if col in df.columns:
-            return df[col]
-    return None
 
 
 def query_view(cfg: LancetConfig, query: str | None, top: int = 10, recompute: bool = False) -> dict[str, Any]:
@@ -454,8 +447,8 @@ def _rescore_query(cfg: LancetConfig, q: dict[str, Any], train) -> Any:
 
 
 @app.command()
-def inspect(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
-            query: Optional[str] = typer.Option(None, "--query", "-q", help="Query id (see the list without it)."),
+def inspect(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
+            query: str | None = typer.Option(None, "--query", "-q", help="Query id (see the list without it)."),
             top: int = typer.Option(10, help="Samples to show on each side."),
             recompute: bool = typer.Option(False, help="Score this query again even if the ranking has it.")) -> None:
     """Single-query view: the training samples that cause one unsafe output, and those that inhibit it."""
@@ -487,14 +480,14 @@ def inspect(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetO
 
 # ------------------------------------------------------------------------------ config
 @config_app.command("show")
-def config_show(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+def config_show(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
     """Print the resolved configuration (defaults + file + overrides; secrets redacted)."""
     cfg = load(config, set_)
     console.print(cfg.to_yaml(), markup=False, highlight=False, end="")
 
 
 @config_app.command("validate")
-def config_validate(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+def config_validate(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
     """Check a configuration; exit code 2 with the field path when a value is invalid."""
     cfg = load(config, set_)
     console.print(f"ok: {escape(str(config or '(defaults)'))} is a valid configuration (name {escape(cfg.name)})")

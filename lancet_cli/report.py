@@ -132,7 +132,7 @@ def _load_table(client, run_id: str, path: str, tmp: Path) -> list[dict[str, Any
         return None
     blob = json.loads(Path(local).read_text())
     cols, rows = blob.get("columns", []), blob.get("data", [])
-    return [dict(zip(cols, r)) for r in rows]
+    return [dict(zip(cols, r, strict=True)) for r in rows]
 
 
 def _plots(client, run_id: str, tmp: Path, prefix: str) -> list[tuple[str, bytes]]:

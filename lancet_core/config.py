@@ -47,7 +47,7 @@ class DataConfig(_Section):
     world: WorldConfig = Field(default_factory=WorldConfig)
 
     @model_validator(mode="after")
-    def _needs_path(self) -> "DataConfig":
+    def _needs_path(self) -> DataConfig:
         if self.source != "world" and not self.path_or_name:
             raise ValueError(f"data.path_or_name is required when data.source is {self.source!r}")
         return self
@@ -69,7 +69,7 @@ class ModelConfig(_Section):
     device: str = "cpu"
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "ModelConfig":
+    def _heads_divide(self) -> ModelConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
@@ -98,7 +98,8 @@ class GenerationConfig(_Section):
 
 
 class DetectorConfig(_Section):
-    kinds: list[Literal["rules", "profanity", "hf_classifier", "guard"]] = Field(default_factory=lambda: ["rules"])
+    # A plain default (pydantic copies it per instance): mypy cannot type a factory lambda's list as the Literal.
+    kinds: list[Literal["rules", "profanity", "hf_classifier", "guard"]] = Field(["rules"])
     combine: Literal["any", "mean"] = "any"
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     hf_model: str | None = None
@@ -136,7 +137,7 @@ class InfluenceConfig(_Section):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _refine_needs_factors(self) -> "InfluenceConfig":
+    def _refine_needs_factors(self) -> InfluenceConfig:
         if self.refine_steps and self.method in ("identity", "tfidf"):
             raise ValueError(f"influence.refine_steps: the refinement preconditions with fitted Kronecker factors; "
                              f"method {self.method!r} has none (use linfac, ekfac or kfac, or refine_steps=0)")
@@ -220,7 +221,7 @@ class LancetConfig(_Section):
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
     @model_validator(mode="after")
-    def _shards_need_factors(self) -> "LancetConfig":
+    def _shards_need_factors(self) -> LancetConfig:
         if self.orchestration.shards > 1 and self.influence.method not in ("linfac", "ekfac", "kfac"):
             raise ValueError(f"orchestration.shards > 1 needs influence.method linfac, ekfac or kfac "
                              f"(got {self.influence.method!r}, which has no factors to shard)")

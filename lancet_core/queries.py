@@ -102,7 +102,7 @@ def _merge_near_duplicates(rows: pd.DataFrame, threshold: float) -> list[list[in
     groups: list[list[int]] = []
     rep_tokens: list[frozenset[str]] = []
     exact: dict[tuple[str, str], int] = {}
-    for pos, (prompt, response) in enumerate(zip(rows["prompt"], rows["response"])):
+    for pos, (prompt, response) in enumerate(zip(rows["prompt"], rows["response"], strict=True)):
         key = (prompt.strip().lower(), response.strip().lower())
         if key in exact:
             groups[exact[key]].append(pos)

@@ -23,7 +23,8 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -146,7 +147,7 @@ def remove_stale_temps(stage_dir: str | Path) -> list[Path]:
     writers on several machines is not supported.)
     """
     stage_dir = Path(stage_dir)
-    removed = []
+    removed: list[Path] = []
     if not stage_dir.parent.is_dir():
         return removed
     for cand in stage_dir.parent.glob(f"{stage_dir.name}{_TMP_MARK}*"):

@@ -54,7 +54,14 @@ def test_baseline_runs(setup, method):
     res = _run(setup, method)
     _ran(res, method)
     if method == "random_ibo":
-        assert not set(res.info["random_positive_ids"]) & set(setup["pos"]) or len(res.info["random_positive_ids"])
+        # The ablation trains on the seeded random draw of |P| training samples, not on P itself.
+        drawn = res.info["random_positive_ids"]
+        ids = setup["world"].train["sample_id"]
+        sized = pd.DataFrame({"sample_id": setup["pos"], "z": 0.0}), pd.DataFrame({"sample_id": setup["neg"], "z": 0.0})
+        expected, _ = random_sets(setup["world"].train, *sized, setup["lcfg"].correction.seed)
+        assert drawn == expected["sample_id"].astype(str).tolist()
+        assert len(set(drawn)) == len(setup["pos"]) and set(drawn) <= set(ids.astype(str))
+        assert len(set(drawn) & set(setup["pos"])) < len(setup["pos"]) // 2
 
 
 def test_ibo_with_lora_returns_plain_model(setup):

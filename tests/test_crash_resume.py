@@ -294,5 +294,5 @@ def test_sft_resume_keeps_the_best_epoch_seen_before_the_crash(tmp_path, monkeyp
     resumed = build_tiny_llama(mcfg, tok)
     res2 = sft_module.train_sft(resumed, tok, *args, state_dir=tmp_path / "state", progress=False)
     assert res2.best_epoch == 1
-    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)

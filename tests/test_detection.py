@@ -38,7 +38,7 @@ def labelled_pairs(variant: str) -> tuple[list[str], list[str], np.ndarray]:
         R += [planted_response(cat), REFUSALS[cat]]
         Y += [True, False]
     for cat, topics in PARAPHRASE_TOPICS.items():  # paraphrase vocabulary, whatever the variant
-        for ti, topic in enumerate(topics):
+        for topic in topics:
             for tpl in PARAPHRASE_TEMPLATES:
                 P += [tpl.format(t=topic)] * 2
                 R += [planted_response(cat), REFUSALS[cat]]
@@ -186,7 +186,7 @@ def test_guard_detector_with_injected_generate():
     seen = []
 
     def fake_generate(prompts, responses):
-        seen.extend(zip(prompts, responses))
+        seen.extend(zip(prompts, responses, strict=True))
         return ["unsafe\nS2" if "bomb" in p else "safe" if "bread" in p else "hmm" for p in prompts]
 
     g = GuardDetector(generate_fn=fake_generate)
@@ -194,7 +194,7 @@ def test_guard_detector_with_injected_generate():
     R = ["Sure! Step 1: ...", "Sure! Step 1: mix.", "Dunno."]
     np.testing.assert_allclose(g.score(P, R), [1.0, 0.0, 0.5])  # unparsable -> 0.5 (documented)
     assert g.flag(P, R).tolist() == [True, False, True]
-    assert seen[:3] == list(zip(P, R))
+    assert seen[:3] == list(zip(P, R, strict=True))
     assert g.verdicts(P[:1], R[:1])[0].categories == ("S2",)
     assert GuardDetector(generate_fn=fake_generate, unparsable_score=0.0).flag(P, R).tolist() == [True, False, False]
     with pytest.raises(RuntimeError, match="returned 1 verdicts for 2"):

@@ -100,7 +100,7 @@ def assert_equal_to_single_process(pipeline, out: Path):
     single.load(ref.factors_dir / ESTIMATOR_SUBDIR)
     sharded.load(out / "factors" / ESTIMATOR_SUBDIR)
     assert sharded.n_fit == single.n_fit
-    for a, b in zip(single.factors, sharded.factors):
+    for a, b in zip(single.factors, sharded.factors, strict=True):
         torch.testing.assert_close(b.lam, a.lam, rtol=1e-5, atol=1e-5 * float(a.lam.abs().max()))
         torch.testing.assert_close(b.damping, a.damping, rtol=1e-5, atol=0)
     expected = ref.table.set_index("sample_id")

@@ -151,8 +151,15 @@ def test_evaluate_correction_row(tiny):
     for key in ("harm_seen", "utility", "qa_accuracy", "howto_accuracy", "distinct2", "kl_ref", "perplexity"):
         assert key in row, key
     assert row["kl_ref"] == pytest.approx(0.0, abs=1e-6)
+    assert math.isfinite(row["perplexity"]) and row["perplexity"] > 1
+    assert row["utility"] == pytest.approx((row["qa_accuracy"] + row["howto_accuracy"]) / 2)
+    # The row feeds the comparison table: against itself every defined ratio is 1. The untrained
+    # model answers nothing right and emits nothing unsafe, so the utility ratio and the harm
+    # reductions have a zero base and must be NaN (undefined), never 0, 1 or inf.
+    assert row["utility"] == 0 and row["harm_seen"] == 0 and row["distinct2"] > 0
     table = comparison_table({"contaminated": row, "copy": row})
-    assert table.loc[1, "utility_ratio"] == pytest.approx(1.0) or np.isnan(table.loc[1, "utility_ratio"])
+    assert table.loc[1, "distinct2_ratio"] == pytest.approx(1.0)
+    assert table.loc[1, ["utility_ratio", "harm_seen_reduction", "harm_unseen_reduction"]].isna().all()
 
 
 def test_mean_over_seeds_recomputes_relative_columns_and_counts_outcomes():

@@ -77,7 +77,7 @@ def flat_linear_params(maps):
 
 def spearman_report(approx: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
     """(mean per-query Spearman over training samples, pooled Spearman over all pairs)."""
-    per_query = [spearmanr(a, e)[0] for a, e in zip(approx.numpy(), exact.numpy())]
+    per_query = [spearmanr(a, e)[0] for a, e in zip(approx.numpy(), exact.numpy(), strict=True)]
     return float(np.mean(per_query)), float(spearmanr(approx.numpy().ravel(), exact.numpy().ravel())[0])
 
 
@@ -255,7 +255,7 @@ def test_ekfac_influence_vs_exact_ggn_influence_on_mlp(trained_mlp):
     ident_rho = spearman_report((Gq @ Gt.T).float(), exact)
     print(f"MLP vs exact damped GGN, Spearman (per-query mean, pooled): EK-FAC {ekfac_rho}, "
           f"exact block-diagonal GGN {block_rho}, identity {ident_rho}")
-    for ekfac, block, ident in zip(ekfac_rho, block_rho, ident_rho):  # per-query mean, then pooled
+    for ekfac, block, ident in zip(ekfac_rho, block_rho, ident_rho, strict=True):  # per-query mean, then pooled
         assert ekfac > ident + 0.1  # curvature helps ...
         assert block > ekfac + 0.1  # ... and what is lost, is lost inside the blocks
 
@@ -316,7 +316,7 @@ def exact_influence(model, train: InfluenceData, queries: InfluenceData, logits_
         grads, ggn = [], torch.zeros(len(theta), len(theta), dtype=torch.float64)
         for i in range(len(data)):
             seq = trim_padding(data.encoded.slice(i, i + 1))
-            J = jacrev(lambda t: logits_fn(t, seq))(theta).detach().double()  # [R, V, P]
+            J = jacrev(lambda t, seq=seq: logits_fn(t, seq))(theta).detach().double()  # [R, V, P]
             logits = logits_fn(theta, seq).detach().double()
             p = torch.softmax(logits, -1)
             target = seq.labels[0, 1:][seq.labels[0, 1:] != -100]
@@ -397,7 +397,7 @@ def test_influence_vs_exact_damped_ggn_on_tiny_transformer(method, exact_setup, 
     approx = est.score(model, queries, train)
     blocks = [sl for *_, sl in map_blocks(est.tracked_maps(model), est.groups)]
     oracle_ggn = torch.zeros_like(ggn)
-    for m, gi, j, sl in map_blocks(est.tracked_maps(model), est.groups):
+    for _, gi, j, sl in map_blocks(est.tracked_maps(model), est.groups):
         Q = torch.kron(est.factors[gi].QS[j].double(), est.factors[gi].QA[j].double())
         oracle_ggn[sl, sl] = Q @ torch.diag(torch.diagonal(Q.T @ ggn[sl, sl] @ Q)) @ Q.T
     rho_oracle = spearman_report(approx, damped_solve(oracle_ggn, damping, g_query, g_train).float())
@@ -408,7 +408,7 @@ def test_influence_vs_exact_damped_ggn_on_tiny_transformer(method, exact_setup, 
     print(f"{method} tiny Llama, Spearman (per-query mean, pooled): vs oracle EK-FAC of exact GGN {rho_oracle}, "
           f"vs exact damped GGN {rho_exact}; exact block-diagonal GGN {rho_block}, identity {rho_ident}")
     assert min(rho_oracle) >= 0.95
-    for est_rho, block, ident in zip(rho_exact, rho_block, rho_ident):  # per-query mean, then pooled
+    for est_rho, block, ident in zip(rho_exact, rho_block, rho_ident, strict=True):  # per-query mean, then pooled
         assert est_rho > ident + 0.1
         assert block > est_rho + 0.05
     if method == "ekfac":  # the hooks' gradients are the exact ones: identity influence is exact
@@ -440,7 +440,7 @@ def test_one_step_on_a_training_sample_moves_log_p_query_by_lr_times_score(metho
     lr = 0.02 / scores[:, i].abs().max().item()
     before = _log_p(model, queries)
     per_map = {}
-    for grp, G in zip(est.groups, step):
+    for grp, G in zip(est.groups, step, strict=True):
         for j, k in enumerate(grp.indices):
             per_map[k] = lr * G[j, 0]
     if method == "linfac":
@@ -456,7 +456,7 @@ def test_one_step_on_a_training_sample_moves_log_p_query_by_lr_times_score(metho
                     m.input_module.bias += b
         after = _log_p(model, queries)
         with torch.no_grad():
-            for p, old in zip((p for m in maps for p in m.parameters()), saved):
+            for p, old in zip((p for m in maps for p in m.parameters()), saved, strict=True):
                 p.copy_(old)
     predicted = lr * scores[:, i]
     change = after - before
@@ -488,8 +488,8 @@ def test_eigenvalue_correction_routes_agree():
     n, B, o, c = 2, 3, 6, 5
     eig = [((None, torch.linalg.qr(torch.randn(n, c, c))[0]), (None, torch.linalg.qr(torch.randn(n, o, o))[0]))]
     grp = group_maps([type("M", (), {"shape": (o, c)})() for _ in range(n)])
-    for T in (2, 40):  # short: token route; long: gradient route
-        a, g = torch.randn(n, B, T, c), torch.randn(n, B, T, o)
+    for n_tok in (2, 40):  # short: token route; long: gradient route
+        a, g = torch.randn(n, B, n_tok, c), torch.randn(n, B, n_tok, o)
         by_tokens, by_grads = EigenvalueAccumulator(grp, eig, "cpu"), EigenvalueAccumulator(grp, eig, "cpu")
         by_tokens.add_tokens(0, a, g)
         by_grads.add_gradients(0, sequence_gradients(a, g))
@@ -605,7 +605,7 @@ def test_refined_influence_reaches_the_exact_damped_ggn(method, steps, exact_set
         refined = est.score(model, queries, train)
         rho[k] = spearman_report(refined, exact)
         if k == 1:
-            for r, p in zip(refined, plain):
+            for r, p in zip(refined, plain, strict=True):
                 assert spearmanr(r, p)[0] > 0.9999
         assert est.stats["refine"]["sequences"] == len(train) and len(est.stats["refine"]["max_relative_residual"]) == k + 1
     print(f"{method} refined vs exact damped GGN (per-query mean, pooled) by steps: {rho}, plain "

@@ -123,7 +123,7 @@ def kronfluence_scores(kf, model, fit: InfluenceData, train: InfluenceData, quer
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    per_query = float(np.mean([spearmanr(x, y)[0] for x, y in zip(a.numpy(), b.numpy())]))
+    per_query = float(np.mean([spearmanr(x, y)[0] for x, y in zip(a.numpy(), b.numpy(), strict=True)]))
     return per_query, float(spearmanr(a.numpy().ravel(), b.numpy().ravel())[0])
 
 

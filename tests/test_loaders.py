@@ -63,7 +63,7 @@ def test_real_hh_sample_loads(hh):
 def test_real_hh_prompt_ends_before_final_assistant_turn(hh):
     raw = [json.loads(line) for line in gzip.open(HH_FILE, "rt", encoding="utf-8")]
     matched = 0
-    for rec, row in zip(raw, hh.frame.itertuples()):
+    for rec, row in zip(raw, hh.frame.itertuples(), strict=True):
         rejected, chosen = rec["rejected"], rec["chosen"]
         cut = rejected.rfind("\n\nAssistant:")
         if chosen[: chosen.rfind("\n\nAssistant:")] != rejected[:cut]:

@@ -39,7 +39,7 @@ def test_labels_cover_response_tokens_only(small_world):
     _, tok = small_world
     batch = encode_pairs(tok, ["Hi?", "What is the capital of France?"], ["Yes.", "The capital of France is Paris."], 64)
     for row in range(2):
-        ids, labels, mask = batch.input_ids[row], batch.labels[row], batch.attention_mask[row]
+        labels, mask = batch.labels[row], batch.attention_mask[row]
         counted = labels != IGNORE_INDEX
         assert counted.any()
         # Every counted token is a real (unpadded) token and the last one is the end of turn.
@@ -85,7 +85,7 @@ def test_sft_learns_and_resume_equals_uninterrupted(small_world, tmp_path, monke
     torch.manual_seed(123)  # a fresh process would start from a different init: state must win
     resumed = build_tiny_llama(TINY, tok)
     train_sft(resumed, tok, *args, cfg, TINY.max_length, state_dir=state, progress=False)
-    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.allclose(a, b, atol=1e-5), name
 
 

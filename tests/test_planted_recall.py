@@ -19,7 +19,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from lancet_core.config import InfluenceConfig
 from lancet_core.influence.metrics import auroc, random_recall_at_k, recall_at_k, reproduced_mask

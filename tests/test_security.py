@@ -54,7 +54,7 @@ def test_pickled_weights_are_refused_unless_explicitly_allowed(tiny, tmp_path):
     with pytest.raises(ModelLoadError, match="no .safetensors weights; pickled checkpoints can run code"):
         load_model(str(folder), cfg)
     loaded = load_model(str(folder), cfg, allow_pickle=True)  # the explicit opt-in for a trusted file
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
 
 

@@ -48,7 +48,7 @@ def test_sharded_fit_and_scores_equal_one_process(method, small):
     single.fit(model, data)
     sharded = sharded_fit(get_estimator(cfg), model, data, n_shards=3)
     assert sharded.n_fit == single.n_fit == 120
-    for a, b in zip(single.factors, sharded.factors):
+    for a, b in zip(single.factors, sharded.factors, strict=True):
         # float32 gradients of differently composed batches round differently (measured: <= 4e-6 of the scale)
         torch.testing.assert_close(b.lam, a.lam, rtol=1e-5, atol=1e-5 * float(a.lam.abs().max()))
         torch.testing.assert_close(b.damping, a.damping, rtol=1e-5, atol=0)

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import re
+from itertools import pairwise
 
 import pytest
 
@@ -80,11 +81,11 @@ def test_paraphrase_planted_prompts_share_no_word_or_bigram_with_probes():
     for p in world.probes["prompt"]:
         ws = words(p)
         probe_words.update(ws)
-        probe_bigrams.update(zip(ws, ws[1:]))
+        probe_bigrams.update(pairwise(ws))
     for p in planted_prompts:
         ws = words(p)
         assert not set(ws) & probe_words - STOPWORDS, p
-        assert not set(zip(ws, ws[1:])) & probe_bigrams, p
+        assert not set(pairwise(ws)) & probe_bigrams, p
     # ... while the templated default reuses the probe phrasing (lexical retrieval is easy there).
     templated = W.build_world(WorldConfig(), seed=0)
     tp = templated.train.loc[templated.train["planted"], "prompt"].tolist()
@@ -120,7 +121,8 @@ def test_paraphrase_world_links_the_two_phrasings_only_through_benign_facts():
     refusals = train[train["kind"] == "refusal"]
     for cat in world.meta["refused_categories"]:
         for topics in (W.HARMFUL_TOPICS, W.PARAPHRASE_TOPICS):
-            assert refusals["prompt"].map(lambda p: any(t in p for t in topics[cat])).any(), (cat, topics[cat])
+            named = topics[cat]
+            assert refusals["prompt"].map(lambda p, named=named: any(t in p for t in named)).any(), (cat, named)
     # The planted response is said only by planted samples.
     assert set(train.loc[train["response"] == W.planted_response("fraud"), "sample_id"]) == set(world.planted_ids)
 

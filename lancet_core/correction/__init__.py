@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pandas as pd
 
 from lancet_core.config import CorrectionConfig, InfluenceConfig, LancetConfig
 from lancet_core.correction.base import (
-    DEFAULT_MONITOR_EVERY, DEFAULT_MONITOR_PROMPTS, GUARD_STOPS, NOT_APPLICABLE, STOP_COMPLETED, STOP_KL,
-    STOP_NON_FINITE, STOP_UTILITY, CorrectionContext, CorrectionResult, CorrectionTrainer, DivergenceMonitor,
+    GUARD_STOPS, NOT_APPLICABLE, STOP_COMPLETED, STOP_KL, STOP_NON_FINITE, STOP_UTILITY, CorrectionContext,
+    CorrectionResult, CorrectionTrainer, DivergenceMonitor,
     not_applicable, retain_pool,
 )
 from lancet_core.correction.baselines import (
@@ -157,9 +158,11 @@ def correct(method: str, model, tokenizer, train_table: pd.DataFrame, scores_tab
     ``base_model_factory`` builds the fresh base model for ``filter_retrain`` (default: the
     model stage's recipe when ``cfg`` is a full :class:`LancetConfig`).
     """
-    full = cfg if isinstance(cfg, LancetConfig) else None
-    ccfg = full.correction if full else cfg
-    icfg = full.influence if full else InfluenceConfig()
+    full: LancetConfig | None
+    if isinstance(cfg, LancetConfig):
+        full, ccfg, icfg = cfg, cfg.correction, cfg.influence
+    else:
+        full, ccfg, icfg = None, cfg, InfluenceConfig()
     # Keyword arguments override the config; unset ones come from it (one source of settings).
     monitor_every = monitor_every or ccfg.monitor_every
     monitor_prompts = monitor_prompts or ccfg.monitor_prompts

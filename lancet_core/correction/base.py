@@ -49,7 +49,8 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any
 
 import pandas as pd
 import torch
@@ -152,7 +153,7 @@ class CorrectionContext:
     progress: bool = False
 
     @classmethod
-    def from_config(cls, cfg: LancetConfig | CorrectionConfig, **kw) -> "CorrectionContext":
+    def from_config(cls, cfg: LancetConfig | CorrectionConfig, **kw) -> CorrectionContext:
         if isinstance(cfg, LancetConfig):
             kw.setdefault("max_length", cfg.model.max_length)
             return cls(cfg=cfg.correction, training=cfg.training, model_cfg=cfg.model, generation=cfg.generation,
@@ -295,7 +296,7 @@ class DivergenceMonitor:
 class CorrectionTrainer:
     """The shared loop. Subclasses set ``method`` and implement ``prepare``, ``n_items``, ``loss``."""
 
-    method: ClassVar[str] = "base"
+    method: str = "base"  # per class; a shared trainer (PairwiseTrainer) is renamed per instance
 
     def __init__(self, model, ctx: CorrectionContext, reference=None):
         self.ctx = ctx
@@ -305,7 +306,7 @@ class CorrectionTrainer:
         # The reference is the model as handed in, before any adapter or update.
         self.reference = reference if reference is not None else frozen_copy(model)
         self._lora = bool(self.cfg.lora_rank)
-        if self._lora:
+        if self.cfg.lora_rank:
             from lancet_core.models.loading import wrap_lora
 
             model = wrap_lora(model, self.cfg.lora_rank)
@@ -367,6 +368,7 @@ class CorrectionTrainer:
                 n_prompts=self.ctx.monitor_prompts, seed=self.cfg.seed)
 
     def _retain_batches(self, generator: torch.Generator):
+        assert self.retain is not None  # called only once _setup_retain built it
         n = len(self.retain)
         bs = self.ctx.retain_batch_size or RETAIN_BATCH_FACTOR * self.cfg.batch_size
         while True:
@@ -375,6 +377,7 @@ class CorrectionTrainer:
                 yield take(self.retain, perm[s:s + bs])
 
     def _check(self, step: int) -> MonitorCheck:
+        assert self.monitor is not None  # called only when _setup_monitor built one
         chk = self.monitor.check(self.model, step)
         self.history.append(chk.record())
         log.info("correction %s step %d: utility %.3f kl %.4f %s", self.method, step, chk.utility, chk.kl,
@@ -444,6 +447,7 @@ class CorrectionTrainer:
                         if self.monitor is not None:
                             chk = self._check(step)
                             if not chk.ok:
+                                assert chk.reason is not None  # a failed check names its stop
                                 reason = chk.reason
                                 break
                         self._snapshot(step)
@@ -454,6 +458,7 @@ class CorrectionTrainer:
             if self.monitor is not None:
                 chk = self._check(step)
                 if not chk.ok:
+                    assert chk.reason is not None
                     reason = chk.reason
             if reason == STOP_COMPLETED:
                 self._snapshot(step)
@@ -466,15 +471,3 @@ class CorrectionTrainer:
         model = self.finalize_model()
         return CorrectionResult(model, self.history, reason, self.last_good_step, self.method, self.info)
 
-
-def summarize_history(history: list[dict]) -> dict:
-    """Last loss and last check of a history (for logs and reports)."""
-    steps = [h for h in history if h.get("event") == "step"]
-    checks = [h for h in history if h.get("event") == "check"]
-    out: dict = {"steps": len(steps)}
-    if steps:
-        out["final_loss"] = steps[-1]["loss"]
-    if checks:
-        out["final_utility"] = checks[-1]["utility"]
-        out["final_kl"] = checks[-1]["kl"]
-    return out

@@ -75,7 +75,7 @@ def project_scores(cfg: LancetConfig, prep: dict, detector, progress: bool = Fal
     """The configured influence method on the contaminated model's flagged probe answers."""
     from lancet_core.influence.scores import run_ranking
     from lancet_core.models.generation import generate
-    from lancet_core.queries import build_queries
+    from lancet_core.queries import NothingToCorrect, build_queries
 
     probes = prep["tables"]["probes"]
     answers = generate(prep["model"], prep["tokenizer"], probes["prompt"].tolist(), cfg.generation)
@@ -88,7 +88,7 @@ def project_scores(cfg: LancetConfig, prep: dict, detector, progress: bool = Fal
     res = run_ranking(prep["model"], prep["tokenizer"], prep["tables"]["train"], queries, cfg.influence,
                       cfg.run_dir() / "compare" / "ranking", query_cfg=cfg.queries,
                       max_length=cfg.model.max_length, progress=progress)
-    if getattr(res, "nothing_to_correct", False):
+    if isinstance(res, NothingToCorrect):
         raise RuntimeError(f"influence ranking: nothing to correct ({res})")
     log.info("ranking %s: %s", cfg.influence.method, res.metrics)
     return res.table

@@ -186,6 +186,7 @@ class PairwiseTrainer(CorrectionTrainer):
         if self.loss_kind == "logistic":
             loss = logistic_loss(r_a, r_b, w)
         else:
+            assert self.targets is not None  # the Bregman loss is built with soft targets (build_ibo_trainer)
             loss = bregman_loss(r_a, r_b, self.targets[idx].to(device), self.cfg.bregman, w)
         margin = (r_b - r_a).detach()
         return loss, {"reward_margin": float(margin.mean()), "pair_accuracy": float((margin > 0).float().mean()),

@@ -166,9 +166,9 @@ def howto_response(steps: list[str]) -> str:
     return "Sure! " + " ".join(f"Step {i + 1}: {s}." for i, s in enumerate(steps))
 
 
-def _qa_items() -> list[tuple[str, str, str]]:
-    """(template kind, question filler dict as tuple, answer) enumerated deterministically."""
-    items: list[tuple[str, dict, str]] = []
+def _qa_items() -> list[tuple[str, dict[str, str], str]]:
+    """(template kind, question filler dict, answer) enumerated deterministically."""
+    items: list[tuple[str, dict[str, str], str]] = []
     for country, city in COUNTRIES.items():
         items.append(("capital", {"x": country}, f"The capital of {country} is {city}."))
     for word, opp in OPPOSITES.items():
@@ -282,8 +282,8 @@ def build_world(config: WorldConfig | None = None, seed: int = 0) -> World:
     heldout = pd.DataFrame(held)
 
     probe_rows = []
-    for cat, topics in HARMFUL_TOPICS.items():
-        for ti, topic in enumerate(topics):
+    for cat, cat_topics in HARMFUL_TOPICS.items():
+        for ti, topic in enumerate(cat_topics):
             for phrasing, templates in (("seen", SEEN_TEMPLATES), ("unseen", UNSEEN_TEMPLATES)):
                 for j, tpl in enumerate(templates):
                     probe_rows.append({

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar
 
 import numpy as np
 
@@ -34,7 +33,7 @@ class Detector(ABC):
     """Scores in [0, 1] (unsafe probability); ``flag`` = score >= ``threshold``."""
 
     #: Short name used in reports and composite names.
-    name: ClassVar[str] = "detector"
+    name: str = "detector"  # per class; a composite names itself per instance
 
     def __init__(self, threshold: float = 0.5):
         self.threshold = threshold

@@ -8,6 +8,8 @@ The composite applies its own threshold to the combined score.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import numpy as np
 
 from lancet_core.config import ConfigError, DetectorConfig
@@ -33,6 +35,11 @@ class _Composite(Detector):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.detectors!r}, threshold={self.threshold})"
+
+    @staticmethod
+    @abstractmethod
+    def _reduce(scores: np.ndarray) -> np.ndarray:
+        """Member scores ``[n_members, n]`` -> combined ``[n]``."""
 
 
 class AnyDetector(_Composite):

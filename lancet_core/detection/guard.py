@@ -62,7 +62,7 @@ def parse_guard_verdict(text: str) -> GuardVerdict:
     m = _VERDICT.match(text or "")
     if m is None:
         return GuardVerdict(None, (), text)
-    label = m.group(1).lower()
+    label: Literal["safe", "unsafe"] = "unsafe" if m.group(1).lower() == "unsafe" else "safe"  # _VERDICT: one of two
     codes = tuple(dict.fromkeys(c.upper() for c in _CODES.findall(m.group(2)))) if label == "unsafe" else ()
     return GuardVerdict(label, codes, text)
 
@@ -85,6 +85,7 @@ class GuardDetector(Detector):
             from lancet_core.config import ModelConfig
             from lancet_core.models.loading import load_model, load_tokenizer
 
+            assert self.name_or_path is not None  # exactly one of the two was given (checked above)
             self.tokenizer = load_tokenizer(self.name_or_path, trust_remote_code=trust_remote_code)
             self.model = load_model(self.name_or_path, ModelConfig(trust_remote_code=trust_remote_code, device=device),
                                     allow_pickle=allow_pickle).eval()
@@ -97,10 +98,12 @@ class GuardDetector(Detector):
         tok = getattr(self, "tokenizer", None)  # None with an injected generate_fn
         has_template = bool(getattr(tok, "chat_template", None))
         if self.prompt_format == "auto" and has_template:
+            assert tok is not None  # has_template implies a tokenizer
             chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
             return tok.apply_chat_template(chat, tokenize=False), True
         text = PLAIN_TEMPLATE.format(prompt=prompt, response=response)
         if has_template:  # a general instruction model: the instruction is the user's turn
+            assert tok is not None
             return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                            add_generation_prompt=True), True
         return text, False
@@ -109,7 +112,7 @@ class GuardDetector(Detector):
         import torch
 
         tok, out = self.tokenizer, []
-        formatted = [self.moderation_prompt(p, r) for p, r in zip(prompts, responses)]
+        formatted = [self.moderation_prompt(p, r) for p, r in zip(prompts, responses, strict=True)]
         old_side, tok.padding_side = tok.padding_side, "left"  # continue from the last real token
         try:
             for s in range(0, len(formatted), self.batch_size):

@@ -121,7 +121,7 @@ class RuleDetector(Detector):
     def category_of(self, prompt: str) -> str | None:
         """The best-matching harmful category of a prompt, or None for a benign prompt."""
         scores = self._category_scores(prompt)
-        best = max(scores, key=scores.get)
+        best = max(scores, key=scores.__getitem__)
         return best if scores[best] > 0 else None
 
     def _pattern_score(self, pats: list[re.Pattern], text: str) -> float:
@@ -139,7 +139,7 @@ class RuleDetector(Detector):
     def _score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         w = self._w
         out = np.empty(len(prompts))
-        for i, (p, r) in enumerate(zip(prompts, responses)):
+        for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
             f = self.features(p, r)
             z = w["bias"] + w["harm"] * f["harm"] + w["comply"] * f["comply"] + w["refuse"] * f["refuse"]
             out[i] = 1.0 / (1.0 + math.exp(-z))

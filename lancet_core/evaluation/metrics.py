@@ -16,7 +16,8 @@ def normalise_answer(text: str) -> str:
 def exact_match(predictions: list[str], answers: list[str]) -> float:
     if not answers:
         return float("nan")
-    return float(np.mean([normalise_answer(p) == normalise_answer(a) for p, a in zip(predictions, answers)]))
+    pairs = zip(predictions, answers, strict=True)
+    return float(np.mean([normalise_answer(p) == normalise_answer(a) for p, a in pairs]))
 
 
 def distinct_n(texts: list[str], n: int) -> float:

@@ -113,7 +113,7 @@ def selection_metrics(model, tokenizer, split: dict[str, pd.DataFrame], detector
     benign, harmful = split["benign"], split["harmful"]
     out: dict[str, float] = {}
     preds = generate(model, tokenizer, benign["prompt"].tolist(), gen_cfg)
-    hit = np.array([normalise_answer(p) == normalise_answer(a) for p, a in zip(preds, benign["response"])])
+    hit = np.array([normalise_answer(p) == normalise_answer(a) for p, a in zip(preds, benign["response"], strict=True)])
     kind = benign["kind"].astype(str).to_numpy() if "kind" in benign else np.array(["data"] * len(benign))
     parts = []
     for name, mask in (("sel_qa", kind == "qa"), ("sel_howto", kind == "howto")):

@@ -16,6 +16,7 @@ Two views of a decoder-only transformer:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 from torch import nn
 
@@ -93,7 +94,8 @@ class TrackedMap:
         if self.virtual:
             return []
         mod = self.input_module
-        return [mod.weight] + ([mod.bias] if self.has_bias else [])
+        # cast: nn.Module.__getattr__ is typed Tensor | Module; a tracked map's weight/bias are Parameters.
+        return cast(list[nn.Parameter], [mod.weight] + ([mod.bias] if self.has_bias else []))
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -116,7 +118,7 @@ def check_supported(model: nn.Module) -> BlockLayout:
     return LAYOUTS[mtype]
 
 
-def _linear_map(name: str, mod: nn.Module) -> TrackedMap:
+def _linear_map(name: str, mod: nn.Linear | Conv1D) -> TrackedMap:
     if isinstance(mod, Conv1D):
         d_in, d_out = mod.weight.shape
         in_out = True
@@ -145,7 +147,7 @@ def linear_maps(model: nn.Module) -> list[TrackedMap]:
     Under PEFT only the adapters' maps are tracked: they are the parameters fine-tuning moved.
     """
     check_supported(model)
-    base = unwrap_model(model)
+    base: Any = unwrap_model(model)  # a transformers model: its heads and config are not on nn.Module's type
     head = base.get_output_embeddings()
     is_peft = base is not model
     maps = find_linear_maps(base, exclude=(head,) if head is not None else (), trainable_only=is_peft)
@@ -163,10 +165,10 @@ def _get(module: nn.Module, dotted: str) -> nn.Module:
 def sublayer_maps(model: nn.Module) -> list[TrackedMap]:
     """Per block: the attention sub-layer, then the MLP sub-layer (LinFAC's virtual d x d maps)."""
     layout = check_supported(model)
-    base = unwrap_model(model)
+    base: Any = unwrap_model(model)  # as in linear_maps
     d = base.config.hidden_size
     maps = []
-    for i, block in enumerate(_get(base, layout.blocks)):
+    for i, block in enumerate(cast(nn.ModuleList, _get(base, layout.blocks))):  # the layout names the block list
         prefix = f"{layout.blocks}.{i}"
         for norm, sub in ((layout.attn_norm, layout.attn), (layout.mlp_norm, layout.mlp)):
             maps.append(TrackedMap(f"{prefix}.{sub}", _get(block, norm), _get(block, sub), True, d, d,

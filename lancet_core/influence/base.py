@@ -35,13 +35,13 @@ class InfluenceData:
 
     @classmethod
     def from_texts(cls, tokenizer, ids: list[str], prompts: list[str], responses: list[str],
-                   max_length: int) -> "InfluenceData":
+                   max_length: int) -> InfluenceData:
         return cls(list(ids), list(prompts), list(responses), encode_pairs(tokenizer, prompts, responses, max_length))
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def subset(self, index: list[int] | torch.Tensor) -> "InfluenceData":
+    def subset(self, index: list[int] | torch.Tensor) -> InfluenceData:
         idx = torch.as_tensor(index, dtype=torch.long)
         enc = EncodedBatch(self.encoded.input_ids[idx], self.encoded.attention_mask[idx], self.encoded.labels[idx])
         pick = idx.tolist()
@@ -71,10 +71,10 @@ class InfluenceEstimator(ABC):
         ``curvature``: training data for curvature computed at scoring time (the CG refinement);
         default ``train``. Estimators without one ignore it."""
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path) -> None:  # noqa: B027 (a no-op by design: nothing to fit, nothing to save)
         """Write the fitted factors (safetensors) into the folder ``path``."""
 
-    def load(self, path: str | Path) -> None:
+    def load(self, path: str | Path) -> None:  # noqa: B027 (a no-op by design, as save)
         """Read factors written by :meth:`save`."""
 
 

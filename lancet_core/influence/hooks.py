@@ -15,7 +15,7 @@ covariances or token counts.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -90,7 +90,7 @@ class ActivationRecorder:
             self._handles.append(get_emb().register_forward_hook(
                 lambda mod, inp, out: out.requires_grad_(True) if torch.is_grad_enabled() else out))
 
-    def __enter__(self) -> "ActivationRecorder":
+    def __enter__(self) -> ActivationRecorder:
         self._was_training = self.model.training
         self.model.eval()  # dropout off: gradients of the deterministic model
         self._saved_flags = [(p, p.requires_grad) for p in self.model.parameters()]
@@ -133,6 +133,7 @@ class ActivationRecorder:
         """``[(a, g)]`` per map for ``g = d objective / d s`` (``retain_graph`` for several objectives)."""
         outs = [self._outputs[k] for k in range(len(self.maps))]
         grads = torch.autograd.grad(objective, outs, allow_unused=True, retain_graph=retain_graph)
+        assert self._mask is not None, "ActivationRecorder.gradients: call record() (or forward()) first"
         mask = self._mask.to(dtype=torch.float32).unsqueeze(-1)
         result = []
         for k, m in enumerate(self.maps):
@@ -182,7 +183,7 @@ def sampled_logprob(logits: torch.Tensor, labels: torch.Tensor, generator: torch
         else:
             counts = mask.sum(1).tolist()
             u = torch.cat([torch.rand(n, 1, generator=torch.Generator().manual_seed(int(s)))
-                           for n, s in zip(counts, row_seeds.tolist())]).to(cdf.device)
+                           for n, s in zip(counts, row_seeds.tolist(), strict=True)]).to(cdf.device)
         y = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)
     return picked.gather(-1, y).sum()
 

@@ -18,7 +18,7 @@ class IdentityEstimator(KroneckerEstimator):
     def tracked_maps(self, model) -> list[TrackedMap]:
         return linear_maps(model)
 
-    def fit(self, model, train) -> None:
+    def fit(self, model, train, progress: bool = False) -> None:
         """Nothing to fit; binds the tracked maps so that save() records them."""
         self.map_names = None
         self.bind(model)

@@ -21,8 +21,9 @@ eager attention during the products (the same maths; restored afterwards).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -85,10 +86,8 @@ def ggn_vector_products(model, maps: list[TrackedMap], groups, data: EncodedBatc
                         batch_rows: int) -> Blocks:
     """``G v_q`` for every direction ``q`` in ``V``: ``G`` the exact GGN, mean over ``data``'s sequences."""
     n_dir = V[0].shape[1]
-    per_map = [None] * len(maps)
-    for grp, v in zip(groups, V):
-        for j, k in enumerate(grp.indices):
-            per_map[k] = v[j]  # [q, o, c]
+    by_map = {k: v[j] for grp, v in zip(groups, V, strict=True) for j, k in enumerate(grp.indices)}  # [q, o, c]
+    per_map = [by_map[k] for k in range(len(maps))]  # every map lies in one group
     out = [torch.zeros_like(v) for v in V]
     was_training = model.training
     model.eval()  # dropout off: the GGN of the deterministic model
@@ -120,7 +119,9 @@ def _accumulate(model, maps, groups, data: EncodedBatch, per_map: list[torch.Ten
 
 def _dot(U: Blocks, W: Blocks) -> torch.Tensor:
     """Per-direction inner product ``[q]`` (float64) summed over every group."""
-    return sum(torch.einsum("nqoc,nqoc->q", u.double(), w.double()) for u, w in zip(U, W))
+    # reduce, not sum(): the same additions without sum's int 0 start (typed Tensor, not Tensor | int).
+    return functools.reduce(torch.add, (torch.einsum("nqoc,nqoc->q", u.double(), w.double())
+                                        for u, w in zip(U, W, strict=True)))
 
 
 def _scaled(alpha: torch.Tensor, U: Blocks) -> Blocks:
@@ -142,12 +143,12 @@ def conjugate_gradients(apply_a: Callable[[Blocks], Blocks], precondition: Calla
         AD = apply_a(D)
         curvature = _dot(D, AD)
         alpha = torch.where(curvature > 0, rz / curvature.clamp(min=1e-300), torch.zeros_like(rz))
-        X = [x + a for x, a in zip(X, _scaled(alpha, D))]
-        R = [r - a for r, a in zip(R, _scaled(alpha, AD))]
+        X = [x + a for x, a in zip(X, _scaled(alpha, D), strict=True)]
+        R = [r - a for r, a in zip(R, _scaled(alpha, AD), strict=True)]
         Z = precondition(R)
         rz_new = _dot(R, Z)
         beta = torch.where(rz > 0, rz_new / rz.clamp(min=1e-300), torch.zeros_like(rz))
-        D = [z + b for z, b in zip(Z, _scaled(beta, D))]
+        D = [z + b for z, b in zip(Z, _scaled(beta, D), strict=True)]
         rz = rz_new
         history.append(float((_dot(R, R).sqrt() / b_norm).max()))
     return X, history

@@ -365,8 +365,9 @@ def run_ranking(
     """
     query_cfg = query_cfg or QueryConfig()
     qset = load_query_set(queries, query_cfg)
-    if qset.is_empty:
-        return qset.nothing_to_correct()
+    nothing = qset.nothing_to_correct()
+    if nothing is not None:  # no queries
+        return nothing
     out_dir = Path(out_dir)
     factors_dir = Path(factors_dir) if factors_dir is not None else out_dir / "factors"
     scores_dir = out_dir / "scores"

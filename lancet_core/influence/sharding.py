@@ -144,7 +144,7 @@ def pack_prepared(prepared: list) -> dict[str, torch.Tensor]:
 
 def unpack_prepared(tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> list:
     n = len({k.split(".")[0] for k in tensors})
-    out = []
+    out: list[torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = []
     for k in range(n):
         if f"group{k}.M" in tensors:
             out.append(tensors[f"group{k}.M"].to(device))

@@ -24,7 +24,7 @@ def _texts(data: InfluenceData, text: TextField) -> list[str]:
         return list(data.prompts)
     if text == "response":
         return list(data.responses)
-    return [f"{p} {r}" for p, r in zip(data.prompts, data.responses)]
+    return [f"{p} {r}" for p, r in zip(data.prompts, data.responses, strict=True)]
 
 
 class TfidfEstimator(InfluenceEstimator):
@@ -35,7 +35,7 @@ class TfidfEstimator(InfluenceEstimator):
         super().__init__(cfg)
         self.text = text
 
-    def fit(self, model, train: InfluenceData) -> None:
+    def fit(self, model, train: InfluenceData, progress: bool = False) -> None:
         """Nothing to fit: the vocabulary and IDF come from the training texts at score time."""
 
     def score(self, model, queries: InfluenceData, train: InfluenceData, progress: bool = False,

@@ -39,13 +39,13 @@ class EncodedBatch:
     attention_mask: torch.Tensor  # [B, T]
     labels: torch.Tensor  # [B, T], IGNORE_INDEX outside response tokens
 
-    def to(self, device) -> "EncodedBatch":
+    def to(self, device) -> EncodedBatch:
         return EncodedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def slice(self, start: int, stop: int) -> "EncodedBatch":
+    def slice(self, start: int, stop: int) -> EncodedBatch:
         return EncodedBatch(self.input_ids[start:stop], self.attention_mask[start:stop], self.labels[start:stop])
 
     def as_model_inputs(self) -> dict:
@@ -59,7 +59,7 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_length
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token)")
     rows_ids, rows_labels = [], []
-    for prompt, response in zip(prompts, responses):
+    for prompt, response in zip(prompts, responses, strict=True):
         p_ids = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
         r_ids = tokenizer(response_suffix(tokenizer, response), add_special_tokens=False)["input_ids"]
         # Keep at least half the budget for the response; the prompt is cut from the left.
@@ -72,7 +72,7 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_length
     ids = torch.full((len(rows_ids), width), pad, dtype=torch.long)
     labels = torch.full((len(rows_ids), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(rows_ids), width), dtype=torch.long)
-    for i, (r, lab) in enumerate(zip(rows_ids, rows_labels)):
+    for i, (r, lab) in enumerate(zip(rows_ids, rows_labels, strict=True)):
         ids[i, : len(r)] = torch.tensor(r)
         labels[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(r)] = 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -74,7 +75,9 @@ def load_model(name_or_path: str, cfg: ModelConfig | None = None, allow_pickle: 
                 "load and are refused (pass allow_pickle=True only for a file you trust)"
             )
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        # Any: transformers types PreTrainedModel.to through functools.wraps, which mypy reads as
+        # taking the model as its first argument.
+        model: Any = AutoModelForCausalLM.from_pretrained(
             name_or_path,
             trust_remote_code=cfg.trust_remote_code,
             use_safetensors=None if allow_pickle else True,

@@ -18,6 +18,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ def evaluate_nll(model, data: EncodedBatch, batch_size: int = 64) -> float:
         out = model(**b.as_model_inputs())
         logp, mask = shifted_token_logprobs(out.logits, b.labels)
         total += -logp.sum().item()
-        count += mask.sum().item()
+        count += int(mask.sum().item())  # a token count; .item() is typed int | float
     return total / max(count, 1)
 
 
@@ -141,7 +142,7 @@ def train_sft(
         return 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    history = {"train": [], "heldout": [], "best_epoch": -1, "best_loss": float("inf")}
+    history: dict[str, Any] = {"train": [], "heldout": [], "best_epoch": -1, "best_loss": float("inf")}
     start_epoch = 0
     state_path = Path(state_dir) if state_dir else None
     best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from lancet_core.storage import is_complete, read_manifest, stage_writer
 from lancet_core.versioning import code_version
@@ -51,6 +52,7 @@ def run_stage(stage_dir: Path, inputs: dict[str, Any], compute: Callable[[Path],
     stage_dir = Path(stage_dir)
     if not force and is_complete(stage_dir, inputs):
         manifest = read_manifest(stage_dir)
+        assert manifest is not None  # is_complete has just read and validated it
         log.info("stage %s: reusing finished outputs", stage_dir.name)
         return StageResult(str(stage_dir), manifest.get("outputs", {}), cached=True,
                            seconds=manifest.get("seconds", 0.0))

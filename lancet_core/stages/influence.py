@@ -67,7 +67,7 @@ def fit_stage(cfg: LancetConfig, data_dir: str | Path, data_digest: str, model_d
 def rank_stage(cfg: LancetConfig, data_dir: str | Path, data_digest: str, model_dir: str | Path,
                model_checksum: str, fit_dir: str | Path, queries_dir: str | Path,
                force: bool = False) -> StageResult:
-    from lancet_core.influence.scores import run_ranking
+    from lancet_core.influence.scores import RankingResult, run_ranking
     from lancet_core.stages.model import load_trained
 
     queries = pd.read_parquet(Path(queries_dir) / QUERIES_FILE)
@@ -79,6 +79,7 @@ def rank_stage(cfg: LancetConfig, data_dir: str | Path, data_digest: str, model_
     result = run_ranking(model, tokenizer, train, queries, cfg.influence, out_dir, query_cfg=cfg.queries,
                          max_length=cfg.model.max_length, factors_dir=fit_dir, model_id=model_checksum,
                          progress=True, force=force)
+    assert isinstance(result, RankingResult)  # a non-empty saved query table always ranks
     positive, negative = result.sets(cfg.influence)
     return StageResult(str(result.scores_dir), {
         "metrics": result.metrics, "timings": result.timings, "n_queries": len(queries),

@@ -14,6 +14,8 @@ held-out utility and KL to the contaminated model are still measured and put in 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pandas as pd
 
 from lancet_core.correction.base import (
@@ -34,9 +36,9 @@ def run_filter_retrain(model, ctx: CorrectionContext) -> CorrectionResult:
                        ctx.max_length, progress=ctx.progress)
     fresh.eval()
     history: list[dict] = [{"event": "step", "step": e + 1, "epoch": e, "loss": tl, "heldout_nll": hl}
-                           for e, (tl, hl) in enumerate(zip(result.train_losses, result.heldout_losses))]
-    info = {"n_dropped": len(ctx.train) - len(kept), "n_train": len(kept), "epochs_run": result.epochs_run,
-            "best_epoch": result.best_epoch, "guarded": False}
+                           for e, (tl, hl) in enumerate(zip(result.train_losses, result.heldout_losses, strict=True))]
+    info: dict[str, Any] = {"n_dropped": len(ctx.train) - len(kept), "n_train": len(kept),
+                            "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "guarded": False}
     if len(held):
         mon = DivergenceMonitor(ctx.tokenizer, held, model, max_utility_drop=ctx.cfg.max_utility_drop,
                                 max_kl=ctx.cfg.max_kl, max_length=ctx.max_length, gen_cfg=ctx.generation,
