@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 from tqdm.auto import tqdm
 
+from lancet_core.config import InfluenceConfig
 from lancet_core.influence.architectures import TrackedMap
 from lancet_core.influence.base import InfluenceData, ShardableEstimator
 from lancet_core.influence.contraction import contract_scores, low_rank
@@ -48,7 +49,7 @@ class KroneckerEstimator(ShardableEstimator):
     #: Lambda* far less than the damping floor (0.1 x mean) or the label sampling does; the
     #: projection itself runs in float32. float32 reproduces a second pass (and a sharded fit).
 
-    def __init__(self, cfg=None):
+    def __init__(self, cfg: InfluenceConfig | None = None) -> None:
         super().__init__(cfg)
         self.store_dtype = getattr(torch, self.cfg.kept_gradients_dtype)
         self.factors: list[GroupFactors] | None = None
