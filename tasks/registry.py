@@ -227,7 +227,9 @@ def register_candidate(cfg: LancetConfig, model_dir: str, checksum: str, metrics
                 TAG_METRICS: json.dumps(_flat_metrics(metrics), sort_keys=True), TAG_EVAL: eval_key,
                 "lancet_config_name": cfg.name, "lancet_parent_run_id": parent_run_id or "",
                 **{k: str(v) for k, v in (extra_tags or {}).items()}}
-        for key, value in tags.items():
+        # The producer's tags are written once: a later run that finds the same checkpoint
+        # registered reuses the version and must not claim it (its flow run made nothing new).
+        for key, value in ({} if reused else tags).items():
             tracking.call(client.set_model_version_tag, name, version, key, value)
         tracking.call(client.set_registered_model_alias, name, CANDIDATE, version)
         run.tags({"lancet.registered_model": name, "lancet.registered_version": version,

@@ -256,8 +256,10 @@ def test_registry_aliases_and_the_model_loads_back(runs):
     comps = mlflow.transformers.load_model(f"models:/{name}@candidate", return_type="components")
     assert comps["model"].config.hidden_size == cfg.model.hidden_size
     assert len(comps["tokenizer"]) <= comps["model"].get_input_embeddings().num_embeddings
-    # the second run re-registers nothing: same checkpoint, same version
+    # the second run re-registers nothing: same checkpoint, same version, still credited to the first run
     assert len(client.search_model_versions(f"name = '{name}'")) == 1
+    assert cand.tags["lancet_parent_run_id"] == s["mlflow_run_id"]
+    assert cand.tags["lancet_flow_run_id"] == s["flow_run_id"]
 
 
 @pytest.mark.slow
