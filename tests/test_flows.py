@@ -180,6 +180,8 @@ def test_mlflow_parent_and_child_runs(runs):
     parent = client.get_run(s["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["prefect.flow_run_id"] == s["flow_run_id"]
+    # the run's description links back to the Prefect flow run
+    assert f"/runs/flow-run/{s['flow_run_id']})" in parent.data.tags["mlflow.note.content"]
     exp = client.get_experiment(parent.info.experiment_id)
     assert exp.name == cfg.name
     assert parent.data.params["influence.method"] == cfg.influence.method

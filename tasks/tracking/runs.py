@@ -43,6 +43,20 @@ def prefect_ids() -> dict[str, str]:
     return out
 
 
+def prefect_flow_run_url(flow_run_id: str | None) -> str | None:
+    """The Prefect UI page of a flow run: ``PREFECT_UI_URL``, else derived from ``PREFECT_API_URL``."""
+    if not flow_run_id:
+        return None
+    try:
+        from prefect.settings import get_current_settings
+
+        settings = get_current_settings()
+        ui = settings.ui_url or (str(settings.api.url).removesuffix("/api") if settings.api.url else None)
+    except Exception:  # a link is a convenience: never fail a run over it
+        return None
+    return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}" if ui else None
+
+
 def save_resolved_config(cfg: LancetConfig) -> Path:
     """The resolved, redacted config next to the run's outputs (``<run_dir>/config.yaml``)."""
     return cfg.save(cfg.run_dir() / "config.yaml")
@@ -64,6 +78,10 @@ def start_parent_run(cfg: LancetConfig, flow_name: str, extra_tags: dict[str, st
     ids = prefect_ids()
     tags = {"lancet.flow": flow_name, "lancet.config_name": cfg.name,
             "lancet.config_hash": cfg.section_hash(), **ids, **owner_tags(), **(extra_tags or {})}
+    link = prefect_flow_run_url(ids.get("prefect.flow_run_id"))
+    if link:  # the run page's description (markdown): one click back to the Prefect flow run
+        tags["mlflow.note.content"] = (f"LANCET `{flow_name}` run of config `{cfg.name}`. "
+                                       f"Prefect flow run: [{ids.get('prefect.flow_run_name', 'open')}]({link})")
     name = f"{flow_name}@{ids.get('prefect.flow_run_name', time.strftime('%Y%m%d-%H%M%S'))}"
     run = call(client.create_run, exp_id, tags=tags, run_name=name)
     logger = RunLogger(cfg, run.info.run_id)
