@@ -15,13 +15,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lancet_core.config import ModelConfig
-from lancet_core.errors import LancetUserError
+# Re-exported: callers import ModelLoadError from here.
+from lancet_core.models.folder import ModelLoadError, check_model_folder  # noqa: F401
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-class ModelLoadError(LancetUserError, RuntimeError):
-    """A model or tokenizer could not be loaded; the message says which and why."""
 
 
 def build_tiny_llama(cfg: ModelConfig, tokenizer) -> LlamaForCausalLM:
@@ -46,10 +43,6 @@ def build_tiny_llama(cfg: ModelConfig, tokenizer) -> LlamaForCausalLM:
     return model
 
 
-def _has_safetensors(path: Path) -> bool:
-    return any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))
-
-
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
@@ -58,24 +51,6 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def check_model_folder(name_or_path: str, allow_pickle: bool = False) -> bool:
-    """Refuse a local model folder that is not save_pretrained output with safetensors weights
-    (also the preflight's check). Returns whether ``name_or_path`` is a local path at all."""
-    local = Path(name_or_path)
-    if not local.exists():
-        return False
-    if not local.is_dir():
-        raise ModelLoadError(f"model path {local} is a file; expected a Hugging Face model folder")
-    if not (local / "config.json").exists():
-        raise ModelLoadError(f"model folder {local} has no config.json; expected save_pretrained output")
-    if not _has_safetensors(local) and not allow_pickle:
-        raise ModelLoadError(
-            f"model folder {local} has no .safetensors weights; pickled checkpoints can run code on "
-            "load and are refused (pass allow_pickle=True only for a file you trust)"
-        )
-    return True
 
 
 def load_model(name_or_path: str, cfg: ModelConfig | None = None, allow_pickle: bool = False):
