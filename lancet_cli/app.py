@@ -442,7 +442,9 @@ def _latest_run_id(output_dir: str) -> str | None:
     except (ValueError, OSError) as err:  # torn write, garbage, not UTF-8
         fail(f"{path} is not a readable JSON summary ({type(err).__name__}); expected the summary.json "
              "`lancet run` writes: rerun it, or pass an MLflow run id instead of 'latest'", code=2)
-    run_id = summary.get("mlflow_run_id") if isinstance(summary, dict) else None
+    if not isinstance(summary, dict):
+        fail(f"{path} holds a JSON {type(summary).__name__}; expected the JSON object `lancet run` writes", code=2)
+    run_id = summary.get("mlflow_run_id")
     if run_id is not None and not isinstance(run_id, str):
         fail(f"{path}: mlflow_run_id is {type(run_id).__name__}; expected a run id string", code=2)
     return run_id
