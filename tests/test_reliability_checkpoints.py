@@ -83,3 +83,43 @@ def test_intact_state_is_resumed(setup, tmp_path, caplog):
     assert not [r for r in caplog.records if "damaged" in r.getMessage()]
     for name, tensor in resumed.state_dict().items():
         assert torch.allclose(tensor, scratch[name], atol=1e-5), name
+
+
+# ------------------------------------------------------------------ correction `last_good` checkpoints
+def _weights() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"a.weight": torch.randn(8, 4, generator=g), "b.bias": torch.randn(4, generator=g)}
+
+
+CKPT_DAMAGE = {
+    "torn state": lambda d: (d / "state.json").write_text((d / "state.json").read_text()[:10]),
+    "garbage state": lambda d: (d / "state.json").write_bytes(b"\xff\x00"),
+    "wrong-shape state": lambda d: (d / "state.json").write_text(json.dumps({"step": -1, "method": 3})),
+    "state without checksum": lambda d: (d / "state.json").write_text(json.dumps(
+        {"step": 3, "method": "ibo", "lora": False})),
+    "altered weights": lambda d: _flip(d / "weights.safetensors", at=-3),
+    "truncated weights": lambda d: (d / "weights.safetensors").write_bytes((d / "weights.safetensors").read_bytes()[:64]),
+    "garbage weights": lambda d: (d / "weights.safetensors").write_bytes(b"garbage"),
+}
+
+
+def test_correction_checkpoint_round_trip_and_another_models_weights(tmp_path, caplog):
+    from lancet_core.correction.checkpoint import read_last_good, write_last_good
+
+    write_last_good(tmp_path, _weights(), step=3, method="ibo", lora=False)
+    state, got = read_last_good(tmp_path, _weights())
+    assert state.step == 3 and all(torch.equal(got[n], t) for n, t in _weights().items())
+    with caplog.at_level(logging.WARNING, logger="lancet_core.correction.checkpoint"):
+        assert read_last_good(tmp_path, {"a.weight": torch.zeros(8, 5)}) is None
+    assert len([r for r in caplog.records if "damaged" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("kind", list(CKPT_DAMAGE))
+def test_damaged_correction_checkpoint_is_refused_with_one_warning(tmp_path, caplog, kind):
+    from lancet_core.correction.checkpoint import read_last_good, write_last_good
+
+    folder = write_last_good(tmp_path, _weights(), step=3, method="ibo", lora=False)
+    CKPT_DAMAGE[kind](folder)
+    with caplog.at_level(logging.WARNING, logger="lancet_core.correction.checkpoint"):
+        assert read_last_good(tmp_path, _weights()) is None
+    assert len([r for r in caplog.records if "damaged" in r.getMessage()]) == 1
