@@ -10,7 +10,9 @@
     lancet config show|validate                  the resolved configuration
 
 A bad configuration value fails before any work starts: the message names the field path
-and what was expected, and the exit code is 2. Prefect and MLflow are imported lazily so
+and what was expected, and the exit code is 2. Any :class:`LancetUserError` (bad config, data,
+model, paths, a locked run folder) prints one ``error: ...`` line and exits 2 without a
+traceback; ``--debug`` (or ``LANCET_DEBUG=1``) shows the traceback. Prefect and MLflow are imported lazily so
 ``lancet config ...`` answers at once.
 """
 
@@ -32,8 +34,27 @@ from rich.markup import escape
 from rich.table import Table
 
 from lancet_core.config import ConfigError, LancetConfig, expand_env, load_config, redact
+from lancet_core.errors import LancetUserError
 
-app = typer.Typer(name="lancet", help="LANCET: find the training data behind unsafe outputs and correct the model.",
+
+def debug_enabled() -> bool:
+    return os.environ.get("LANCET_DEBUG", "").lower() in ("1", "true", "yes")
+
+
+class _App(typer.Typer):
+    """Typer whose entry point turns a user error into one line and exit code 2."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except LancetUserError as err:
+            if debug_enabled():
+                raise
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}")
+            sys.exit(2)
+
+
+app = _App(name="lancet", help="LANCET: find the training data behind unsafe outputs and correct the model.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 config_app = typer.Typer(help="Show or validate a configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
@@ -49,8 +70,17 @@ MLFLOW_PORT, PREFECT_PORT, HOST = 5000, 4200, "127.0.0.1"
 
 # ------------------------------------------------------------------------------ helpers
 def fail(message: str, code: int = 1) -> None:
+    if message.lower().startswith("error:"):  # one prefix, never "error: error: ..."
+        message = message[len("error:"):].lstrip()
     err_console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of user errors too "
+                                                            "(or set LANCET_DEBUG=1).")) -> None:
+    if debug:
+        os.environ["LANCET_DEBUG"] = "1"
 
 
 def load(config: Path | None, sets: list[str] | None) -> LancetConfig:
@@ -63,16 +93,19 @@ def load(config: Path | None, sets: list[str] | None) -> LancetConfig:
 
 
 def use_local_prefect_server() -> str | None:
-    """Report to ``lancet ui``'s Prefect server when it is running (else Prefect's temporary one)."""
+    """``PREFECT_API_URL``, else the Prefect server of a running ``lancet ui``/``lancet server``.
+
+    Only a server that `lancet ui` recorded as its own (pid alive, healthy): whatever else
+    listens on :4200 is a stranger's and never attached to by accident.
+    """
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
-    url = f"http://{HOST}:{PREFECT_PORT}/api"
-    from lancet_cli.servers import healthy
+    from lancet_cli.servers import lancet_ui_server
 
-    if healthy(url, timeout=0.5):
+    url = lancet_ui_server()
+    if url:
         os.environ["PREFECT_API_URL"] = url
-        return url
-    return None
+    return url
 
 
 def _fmt(v: Any) -> str:
@@ -110,7 +143,11 @@ def print_summary(summary: dict[str, Any], cfg: LancetConfig) -> None:
     verdict = "[bold green]promoted to champion[/]" if summary.get("promoted") else "[bold yellow]not promoted[/]"
     if summary.get("nothing_to_correct"):
         verdict = "[bold green]nothing to correct[/]"
-    console.print(f"{verdict}: {escape(str(summary.get('reason', '')))}")
+    reason = str(summary.get("reason", ""))
+    if reason.startswith("nothing to correct"):  # the flow's reason already says it: no doubled prefix
+        console.print(f"[bold green]{escape(reason)}[/]")
+    else:
+        console.print(f"{verdict}: {escape(reason)}")
     reg = summary.get("registered_model")
     if reg:
         console.print(f"registered: models:/{escape(reg['name'])}/{reg['version']} (alias {reg['alias']})")
@@ -126,30 +163,54 @@ def print_summary(summary: dict[str, Any], cfg: LancetConfig) -> None:
 def run(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
     """Run the correction flow (data, model, probe, influence, correction, evaluation, registry)."""
     cfg = load(config, set_)
+    from lancet_core.preflight import preflight
+
+    for note in preflight(cfg):  # data, output folder, model, tracking: seconds, before any server
+        err_console.print(f"[yellow]note:[/] {escape(note)}")
     if cfg.tracking.enabled:  # seconds, not MLflow's minutes of retries, and before any work
         from tasks.tracking import TrackingUnavailableError, check_tracking_uri
 
         try:
             check_tracking_uri(cfg.tracking.tracking_uri)
         except (TrackingUnavailableError, ConfigError) as err:
-            fail(str(err))
+            fail(str(err), code=2)
     server = use_local_prefect_server()
-    if server:
-        console.print(f"reporting to the Prefect server at {escape(server)}")
-    elif cfg.orchestration.task_runner != "thread":
+    if not server and cfg.orchestration.task_runner != "thread":
         fail(f"orchestration.task_runner={cfg.orchestration.task_runner} runs tasks in worker processes, which "
-             "need a real Prefect server (Prefect's temporary server lives inside this process): start one with "
-             "`lancet server` (or `lancet ui`), or set PREFECT_API_URL", code=2)
+             "need a real Prefect server (the temporary one `lancet run` starts is known to this run only): "
+             "start one with `lancet server` (or `lancet ui`), or set PREFECT_API_URL", code=2)
+    from contextlib import ExitStack
+
+    from lancet_core.runlock import run_lock
+
+    with ExitStack() as stack:
+        stack.enter_context(run_lock(cfg.run_dir()))  # a second `lancet run` here is refused, naming this pid
+        if server:
+            console.print(f"Prefect server: {escape(server)} (PREFECT_API_URL or `lancet ui`)")
+        else:
+            from lancet_cli.servers import temporary_prefect_server
+
+            server, pid = stack.enter_context(temporary_prefect_server(cfg.run_dir()))
+            console.print(f"Prefect server: {escape(server)} (temporary, pid {pid}, stopped when this run ends)")
+        summary = _run_flow(cfg)
+    print_summary(summary, cfg)
+
+
+def _run_flow(cfg: LancetConfig) -> dict[str, Any]:
     from flows.correction import lancet_correction
     from tasks.orchestration import with_runner
 
     try:
-        summary = with_runner(lancet_correction, cfg)(config=cfg)
-    except ConfigError as err:
+        return with_runner(lancet_correction, cfg)(config=cfg)
+    except LancetUserError as err:
+        if debug_enabled():
+            raise
         fail(str(err), code=2)
     except Exception as err:  # Prefect has logged the traceback already
+        if debug_enabled():
+            raise
         fail(f"the run failed: {type(err).__name__}: {err}")
-    print_summary(summary, cfg)
+    raise AssertionError("unreachable")  # fail() raised
 
 
 def _compare_module():
@@ -324,9 +385,12 @@ def _run_servers(config, set_, tracking_uri, mlflow_port, prefect_port, host, dr
             signal.signal(sig, _stop)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
     procs: list[tuple[str, subprocess.Popen]] = []
+    from lancet_cli.servers import ui_marker, write_ui_marker
+
     try:
         for name, cmd, extra in cmds:
             procs.append((name, subprocess.Popen(cmd, env={**os.environ, **extra})))
+        write_ui_marker(f"http://{host}:{prefect_port}/api")  # `lancet run` reports here, to no stranger
         console.print(f"MLflow UI:  http://{host}:{mlflow_port}   (tracking {escape(redact(uri))})")
         console.print(f"Prefect UI: http://{host}:{prefect_port}")
         api = f"http://{host}:{prefect_port}/api"
@@ -344,6 +408,7 @@ def _run_servers(config, set_, tracking_uri, mlflow_port, prefect_port, host, dr
     except KeyboardInterrupt:
         console.print("stopping...")
     finally:
+        ui_marker().unlink(missing_ok=True)
         for _, proc in procs:
             if proc.poll() is None:
                 proc.terminate()
@@ -357,9 +422,19 @@ def _run_servers(config, set_, tracking_uri, mlflow_port, prefect_port, host, dr
 # ------------------------------------------------------------------------------ report / inspect
 def _latest_run_id(output_dir: str) -> str | None:
     path = Path(output_dir) / "latest" / "summary.json"
-    if path.is_file():
-        return json.loads(path.read_text()).get("mlflow_run_id")
-    return None
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:  # torn write, garbage, not UTF-8
+        fail(f"{path} is not a readable JSON summary ({type(err).__name__}); expected the summary.json "
+             "`lancet run` writes: rerun it, or pass an MLflow run id instead of 'latest'", code=2)
+    if not isinstance(summary, dict):
+        fail(f"{path} holds a JSON {type(summary).__name__}; expected the JSON object `lancet run` writes", code=2)
+    run_id = summary.get("mlflow_run_id")
+    if run_id is not None and not isinstance(run_id, str):
+        fail(f"{path}: mlflow_run_id is {type(run_id).__name__}; expected a run id string", code=2)
+    return run_id
 
 
 @app.command()
@@ -449,7 +524,7 @@ def _rescore_query(cfg: LancetConfig, q: dict[str, Any], train) -> Any:
 @app.command()
 def inspect(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
             query: str | None = typer.Option(None, "--query", "-q", help="Query id (see the list without it)."),
-            top: int = typer.Option(10, help="Samples to show on each side."),
+            top: int = typer.Option(10, min=1, max=10_000, help="Samples to show on each side."),
             recompute: bool = typer.Option(False, help="Score this query again even if the ranking has it.")) -> None:
     """Single-query view: the training samples that cause one unsafe output, and those that inhibit it."""
     cfg = load(config, set_)

@@ -3,11 +3,20 @@
 Dask and Ray workers are other processes: they cannot report to Prefect's temporary
 in-process server, so the scale-out tests and benchmarks start this one (``lancet server``
 is the long-running equivalent for people).
+
+:func:`temporary_prefect_server` is what ``lancet run`` uses when no ``PREFECT_API_URL`` is set:
+the same uvicorn command Prefect's own temporary server runs
+(``prefect.server.api.server.SubprocessASGIServer._run_uvicorn_command``), but started as our
+child with ``PR_SET_PDEATHSIG`` so a ``kill -9`` of ``lancet`` takes the server down too (Prefect's
+own only stops it from ``atexit``, which a kill -9 never runs), in its own process group.
 """
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +43,116 @@ def healthy(api_url: str, timeout: float = 1.0) -> bool:
         return False
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # pragma: no cover (runs in the child between fork and exec)
+    # Linux: the kernel sends SIGTERM when the parent dies, however it dies. Own process group:
+    # a Ctrl-C in the terminal reaches lancet, which stops the server in order (logs drained first).
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    os.setpgid(0, 0)
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, startup_timeout: float) -> None:
+    deadline = time.time() + startup_timeout
+    while not healthy(url):
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"the Prefect server on {url} did not start; its log ({log_path}) ends:\n"
+                               f"{log_path.read_text()[-2000:]}")
+        time.sleep(0.2)
+
+
+@contextmanager
+def _pointed_at(url: str) -> Iterator[str]:
+    """``PREFECT_API_URL`` = url in this process's Prefect settings and ``os.environ`` (children inherit)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    saved = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield url
+    finally:
+        try:  # send the flow's buffered logs while the server still listens
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=5)
+        except Exception:  # noqa: BLE001 (best effort: the logs are also on stderr)
+            pass
+        if saved is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = saved
+
+
+def _stop(proc: subprocess.Popen, timeout: float) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def temporary_server_command(port: int) -> list[str]:
+    import prefect
+
+    return [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent),
+            "--factory", "prefect.server.api.server:create_app", "--host", HOST, "--port", str(port),
+            "--log-level", "error", "--lifespan", "on"]
+
+
+@contextmanager
+def temporary_prefect_server(log_dir: str | Path, startup_timeout: float = 120.0) -> Iterator[tuple[str, int]]:
+    """Prefect's temporary server as a child that dies with this process; yields (API URL, pid)."""
+    from prefect.settings import get_current_settings
+
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://{HOST}:{port}/api"
+    env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
+           "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log_path = log_dir / "prefect-server.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(temporary_server_command(port), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent)  # noqa: PLW1509 (no threads yet at this point)
+        try:
+            _wait_healthy(proc, url, log_path, startup_timeout)
+            with _pointed_at(url):
+                yield url, proc.pid
+        finally:
+            _stop(proc, timeout=10)
+
+
+#: Where `lancet ui` / `lancet server` say which Prefect server is theirs, so `lancet run`
+#: reports to that one and never to whatever else listens on :4200.
+def ui_marker() -> Path:
+    return Path(os.environ.get("LANCET_STATE_DIR") or Path.home() / ".cache" / "lancet") / "prefect-server.json"
+
+
+def write_ui_marker(url: str) -> Path:
+    path = ui_marker()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": os.getpid(), "url": url}))
+    return path
+
+
+def lancet_ui_server() -> str | None:
+    """The API URL of a running `lancet ui`/`lancet server` of this user, or None."""
+    from lancet_core.storage import pid_alive
+
+    try:
+        info = json.loads(ui_marker().read_text())
+        pid, url = int(info["pid"]), str(info["url"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return url if pid_alive(pid) and healthy(url, timeout=0.5) else None
+
+
 @contextmanager
 def prefect_server(home: str | Path, port: int | None = None, startup_timeout: float = 180.0) -> Iterator[str]:
     """``prefect server start`` on 127.0.0.1 with its own home (and sqlite database) under ``home``.
@@ -41,8 +160,6 @@ def prefect_server(home: str | Path, port: int | None = None, startup_timeout: f
     Yields the API URL. Inside the block ``PREFECT_API_URL`` points at it, both in this process's
     Prefect settings and in ``os.environ`` (which worker processes started inside inherit).
     """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -53,30 +170,9 @@ def prefect_server(home: str | Path, port: int | None = None, startup_timeout: f
     with log_path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", HOST,
                                  "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-        saved = os.environ.get("PREFECT_API_URL")
         try:
-            deadline = time.time() + startup_timeout
-            while not healthy(url):
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"the Prefect server on {url} did not start; its log ({log_path}) ends:\n"
-                                       f"{log_path.read_text()[-2000:]}")
-                time.sleep(1.0)
-            os.environ["PREFECT_API_URL"] = url
-            with temporary_settings({PREFECT_API_URL: url}):
+            _wait_healthy(proc, url, log_path, startup_timeout)
+            with _pointed_at(url):
                 yield url
         finally:
-            try:  # send the flow's buffered logs while the server still listens
-                from prefect.logging.handlers import APILogWorker
-
-                APILogWorker.drain_all(timeout=5)
-            except Exception:  # noqa: BLE001 (best effort: the logs are also on stderr)
-                pass
-            if saved is None:
-                os.environ.pop("PREFECT_API_URL", None)
-            else:
-                os.environ["PREFECT_API_URL"] = saved
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop(proc, timeout=20)

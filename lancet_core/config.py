@@ -15,16 +15,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+
+from lancet_core.errors import LancetUserError
 
 
-class ConfigError(ValueError):
+class ConfigError(LancetUserError, ValueError):
     """A configuration value is invalid; the message names the field and what was expected."""
 
 
 class _Section(BaseModel):
-    # Unknown keys are typos more often than intentions: refuse them.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are typos more often than intentions: refuse them. NaN/inf pass every
+    # ge/le bound (comparisons with NaN are false), so they are refused for every float field.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+#: Seeds feed numpy/torch generators, which take 0..2**32-1.
+SEED_MAX = 2**32 - 1
 
 
 class WorldConfig(_Section):
@@ -58,15 +65,41 @@ class ModelConfig(_Section):
         None, description="Hub name or local folder. None builds the embedded tiny Llama."
     )
     trust_remote_code: bool = False
-    hidden_size: int = Field(128, ge=8)
-    num_layers: int = Field(4, ge=1)
-    num_heads: int = Field(4, ge=1)
-    intermediate_size: int = Field(256, ge=8)
-    vocab_size: int = Field(1024, ge=300, description="BPE vocabulary trained on the corpus.")
-    max_length: int = Field(96, ge=16, description="Tokens per prompt+response sequence.")
+    # Upper bounds: a typo like 1e6 would otherwise allocate until the machine swaps.
+    hidden_size: int = Field(128, ge=8, le=65_536)
+    num_layers: int = Field(4, ge=1, le=1024)
+    num_heads: int = Field(4, ge=1, le=1024)
+    intermediate_size: int = Field(256, ge=8, le=262_144)
+    vocab_size: int = Field(1024, ge=300, le=1_000_000, description="BPE vocabulary trained on the corpus.")
+    max_length: int = Field(96, ge=16, le=131_072, description="Tokens per prompt+response sequence.")
     lora_rank: int | None = Field(None, ge=1, description="Wrap the model with PEFT LoRA of this rank.")
     dtype: Literal["float32", "bfloat16", "float64"] = "float32"
     device: str = "cpu"
+
+    @field_validator("device")
+    @classmethod
+    def _device_exists(cls, value: str) -> str:
+        # Checked against what torch sees now, so `cuda` on a CPU-only machine fails here
+        # and not minutes later inside training.
+        if value == "cpu":  # no torch import for the common case (`lancet config` answers at once)
+            return value
+        import torch
+
+        try:
+            dev = torch.device(value)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"expected cpu, cuda, cuda:N or mps, got {value!r}") from None
+        if dev.type == "cuda":
+            n = torch.cuda.device_count()
+            if n == 0:
+                raise ValueError(f"{value!r} asked for, but torch sees no CUDA GPU (use cpu)")
+            if dev.index is not None and dev.index >= n:
+                raise ValueError(f"{value!r} asked for, but torch sees {n} CUDA GPU(s) (cuda:0..cuda:{n - 1})")
+        elif dev.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"{value!r} asked for, but MPS is not available (use cpu)")
+        elif dev.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"expected cpu, cuda, cuda:N or mps, got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
@@ -81,12 +114,12 @@ class TrainingConfig(_Section):
     """Supervised fine-tuning of the (contaminated) model."""
 
     epochs: int = Field(3, ge=1, le=1000)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, le=1_000_000)
     lr: float = Field(3e-3, gt=0, le=1.0)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, le=10.0)
     warmup_steps: int = Field(20, ge=0)
     patience: int = Field(1, ge=0, description="Epochs without held-out improvement before stopping.")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
 
 
 class GenerationConfig(_Section):
@@ -99,7 +132,7 @@ class GenerationConfig(_Section):
 
 class DetectorConfig(_Section):
     # A plain default (pydantic copies it per instance): mypy cannot type a factory lambda's list as the Literal.
-    kinds: list[Literal["rules", "profanity", "hf_classifier", "guard"]] = Field(["rules"])
+    kinds: list[Literal["rules", "profanity", "hf_classifier", "guard"]] = Field(["rules"], min_length=1)
     combine: Literal["any", "mean"] = "any"
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     hf_model: str | None = None
@@ -134,7 +167,7 @@ class InfluenceConfig(_Section):
         64, ge=1, description="Fit sequences whose exact GGN the refinement solves with; None = all fit sequences.")
     top_k_positive: int = Field(80, ge=1, description="Size of P (most harmful).")
     top_k_negative: int = Field(80, ge=1, description="Size of N (most inhibiting).")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
 
     @model_validator(mode="after")
     def _refine_needs_factors(self) -> InfluenceConfig:
@@ -173,7 +206,7 @@ class CorrectionConfig(_Section):
     max_utility_drop: float = Field(0.10, ge=0, le=1.0, description="Stop when held-out utility drops more than this.")
     max_kl: float = Field(2.0, gt=0, description="Stop when KL to the reference on benign prompts exceeds this.")
     lora_rank: int | None = Field(None, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
 
 
 class EvaluationConfig(_Section):
@@ -205,9 +238,10 @@ class OrchestrationConfig(_Section):
 
 
 class LancetConfig(_Section):
-    name: str = Field("lancet-demo", pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
-    output_dir: str = "outputs"
+    # One path component: the run folder is <output_dir>/<name>, so ".." or "a/b" would write elsewhere.
+    name: str = Field("lancet-demo", pattern=r"^[A-Za-z0-9_.-]+$", max_length=128)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+    output_dir: str = Field("outputs", min_length=1, description="Relative to the working folder, or absolute.")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -219,6 +253,24 @@ class LancetConfig(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _one_component(cls, value: str) -> str:
+        if value in (".", "..") or set(value) == {"."}:
+            raise ValueError(f"expected a folder name (letters, digits, _ . -), not {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _run_dir_inside(self) -> LancetConfig:
+        # A symlink named like the run may point anywhere: the resolved run folder must stay
+        # under the resolved output folder, or stages would write (and clean up) outside it.
+        base = Path(self.output_dir).resolve()
+        if not Path(self.output_dir, self.name).resolve().is_relative_to(base):
+            raise ValueError(f"name: {self.output_dir}/{self.name} resolves to "
+                             f"{Path(self.output_dir, self.name).resolve()}, outside output_dir {base}; "
+                             "expected a run folder inside output_dir")
+        return self
 
     @model_validator(mode="after")
     def _shards_need_factors(self) -> LancetConfig:
@@ -242,7 +294,13 @@ class LancetConfig(_Section):
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
     def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.name
+        """``<output_dir>/<name>``, resolved; checked to lie under ``output_dir`` (a symlinked
+        name created after validation is caught here too)."""
+        base = Path(self.output_dir).resolve()
+        path = (base / self.name).resolve()
+        if not path.is_relative_to(base):
+            raise ConfigError(f"name: run folder {base / self.name} resolves to {path}, outside output_dir {base}")
+        return path
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(redact(self.model_dump(mode="json")), sort_keys=False)
@@ -347,7 +405,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path}: byte {err.start} is not UTF-8; expected a UTF-8 YAML file") from None
+        except OSError as err:
+            raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         if loaded is not None and not isinstance(loaded, dict):

@@ -28,16 +28,18 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from lancet_core.errors import LancetUserError
+
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 _TMP_MARK = ".tmp-"
 
 
-class StorageFullError(OSError):
+class StorageFullError(LancetUserError, OSError):
     """The disk (or quota) filled up while a stage was writing; the message names the stage."""
 
 
-class ForeignFolderError(FileExistsError):
+class ForeignFolderError(LancetUserError, FileExistsError):
     """A stage would replace a folder LANCET did not write (it has no stage manifest)."""
 
 

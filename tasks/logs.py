@@ -18,24 +18,9 @@ _PREFECT_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engi
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """The exception types that mean "the input or the environment is wrong", not "LANCET is wrong"."""
-    from lancet_core.config import ConfigError
-    from lancet_core.storage import ForeignFolderError, StorageFullError
-    from tasks.tracking.client import TrackingUnavailableError
+    from lancet_core.errors import LancetUserError
 
-    types: list[type[BaseException]] = [ConfigError, ForeignFolderError, StorageFullError, TrackingUnavailableError]
-    try:
-        from lancet_core.errors import LancetUserError
-    except ImportError:  # older library without the common base
-        pass
-    else:
-        types.append(LancetUserError)
-    try:
-        from lancet_core.data.loaders import BadRowError
-    except ImportError:
-        pass
-    else:
-        types.append(BadRowError)
-    return tuple(types)
+    return (LancetUserError,)
 
 
 def is_user_error(exc: BaseException | None) -> bool:

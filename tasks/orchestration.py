@@ -19,6 +19,7 @@ from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from lancet_core.config import LancetConfig
+from lancet_core.runlock import run_lock
 from tasks import artifacts, registry, stages, tracking
 from tasks.summary import RunSummary, stage_metrics
 
@@ -96,7 +97,9 @@ class FlowRun:
 def flow_run(cfg: LancetConfig, flow_name: str) -> Iterator[FlowRun]:
     """The MLflow parent run around a flow's body; on success the parent metrics, artifacts and summary."""
     started = time.time()
-    with tracking.parent_run(cfg, flow_name) as parent:
+    # The run folder's lock also for runs started from the Prefect UI or a deployment (the CLI
+    # already holds it for its own runs; the lock is re-entrant within one process).
+    with run_lock(cfg.run_dir()), tracking.parent_run(cfg, flow_name) as parent:
         run = FlowRun(cfg, flow_name, parent)
         yield run
         run.summary.wall_s = round(time.time() - started, 3)

@@ -278,8 +278,8 @@ def test_lancet_run_refuses_an_unreachable_tracking_server_before_any_work(tmp_p
     started = time.time()
     res = subprocess.run([sys.executable, "-m", "lancet_cli.app", "run", "--config", str(SMALL), "--set",
                           f"tracking.tracking_uri={uri}"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 1, res.stderr
-    assert f"MLflow tracking server {uri} is unreachable" in res.stderr.replace("\n", "")
+    assert res.returncode == 2, res.stderr  # the preflight's user error (issue 16)
+    assert f"tracking.tracking_uri {uri}: GET /health failed" in res.stderr.replace("\n", "")
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "outputs").exists()
     assert time.time() - started < 60

@@ -124,3 +124,13 @@ def test_rescoring_from_the_saved_factors_reproduces_the_ranking(tmp_path):
     some = train.iloc[[5, 0, 17]]  # a subset, out of order: the same columns
     np.testing.assert_allclose(rescore(cfg, run / "model" / "hf", run / "factors", queries, some, train),
                                full[:, [5, 0, 17]], rtol=1e-4, atol=1e-6)
+
+
+def test_the_run_lock_is_reentrant_in_one_process_and_released_by_the_outer_holder(tmp_path):
+    from lancet_core.runlock import LOCK_NAME, run_lock
+
+    with run_lock(tmp_path) as outer:
+        with run_lock(tmp_path) as inner:  # the flow inside `lancet run` asks again
+            assert inner == outer
+        assert (tmp_path / LOCK_NAME).exists()  # the inner exit does not release the outer's lock
+    assert not (tmp_path / LOCK_NAME).exists()

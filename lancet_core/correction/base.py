@@ -43,10 +43,8 @@ keep their own copy.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
@@ -54,10 +52,10 @@ from typing import Any
 
 import pandas as pd
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from lancet_core.config import CorrectionConfig, GenerationConfig, LancetConfig, ModelConfig, TrainingConfig
+from lancet_core.correction.checkpoint import write_last_good
 from lancet_core.evaluation.metrics import exact_match
 from lancet_core.evaluation.reference import kl_to_reference, reference_responses
 from lancet_core.models.encoding import EncodedBatch, encode_pairs, sequence_logprob
@@ -340,14 +338,7 @@ class CorrectionTrainer:
             self._write_checkpoint(Path(self.ctx.checkpoint_dir), step)
 
     def _write_checkpoint(self, root: Path, step: int) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        final, tmp = root / "last_good", root / "last_good.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file({n: t.contiguous() for n, t in self._last_good.items()}, str(tmp / "weights.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"step": step, "method": self.method, "lora": self._lora}))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)  # a half-written checkpoint is never taken for the last good one
+        write_last_good(root, self._last_good, step, self.method, bool(self._lora))
 
     def _restore(self) -> None:
         with torch.no_grad():

@@ -52,6 +52,7 @@ from typing import Any
 import pandas as pd
 
 from lancet_core.config import DataConfig
+from lancet_core.errors import LancetUserError
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +65,19 @@ SOURCE_FIELDS: dict[str, dict[str, bool]] = {
                 "rejected_response": False, "is_safe": False, "category": False},
 }
 MAX_REASONS = 10
+#: Longest text field a row may have (characters). Tokenizer training (Rust, deaf to SIGINT)
+#: and SFT work grow with the longest row, so a 10 MB row is a bad row, not minutes of work.
+MAX_CHARS = 100_000
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 
 
-class DataLoadError(ValueError):
+class DataLoadError(LancetUserError, ValueError):
     """The dataset as a whole cannot be loaded (missing file, wrong format, no valid rows)."""
 
 
-class BadRowError(ValueError):
+class BadRowError(LancetUserError, ValueError):
     """One row is malformed; the message names file, line (or record) and field."""
 
     def __init__(self, where: str, field: str | None, reason: str):
@@ -176,9 +180,14 @@ def _open_source(cfg: DataConfig) -> tuple[str, str, Iterator[tuple[int, Any]]]:
         return (name, *_read_file(path, name))
     if path.exists():
         raise DataLoadError(f"data path {name} is not a file")
-    if name.lower().endswith(_FILE_SUFFIXES) or not _HUB_NAME.match(name):
+    if not looks_like_hub_name(name):
         raise DataLoadError(f"data file {name} does not exist (and does not look like a hub dataset name)")
     return f"hub:{name}[{cfg.split}]", "row", _read_hub(name, cfg.split)
+
+
+def looks_like_hub_name(name: str) -> bool:
+    """Whether a path that does not exist would be read from the hub (``owner/name``)."""
+    return not name.lower().endswith(_FILE_SUFFIXES) and _HUB_NAME.match(name) is not None
 
 
 def _read_file(path: Path, label: str) -> tuple[str, Iterator[tuple[int, Any]]]:
@@ -250,9 +259,17 @@ def _get(rec: dict, raw: str, where: str, kind: str) -> Any:
         ok = (str, numbers.Integral) if kind == "id" else str
         if isinstance(value, bool) or not isinstance(value, ok):
             raise BadRowError(where, raw, f"has type {type(value).__name__} (expected {expected})")
-        if not str(value).strip():
+        text = str(value)
+        if not text.strip():
             raise BadRowError(where, raw, "is empty (expected non-empty text)")
-        return str(value).strip()
+        if len(text) > MAX_CHARS:
+            raise BadRowError(where, raw, f"has {len(text)} characters (expected at most {MAX_CHARS})")
+        try:  # JSON "\ud800" decodes to a lone surrogate, which no tokenizer or parquet file can hold
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise BadRowError(where, raw, f"has unencodable text at character {err.start} "
+                                          f"(expected valid Unicode, e.g. no lone surrogate)") from None
+        return text.strip()
     if kind == "bool":
         if type(value).__name__ not in ("bool", "bool_"):  # Python or numpy (parquet) booleans
             raise BadRowError(where, raw, f"has type {type(value).__name__} (expected {expected})")

@@ -18,6 +18,8 @@ and replaced (``detector.lexicon_path``) without touching code.
 
 from __future__ import annotations
 
+from lancet_core.errors import LancetUserError
+
 import json
 import math
 import re
@@ -36,7 +38,7 @@ _EXPECTED = ('expected a JSON object with keys "harmful" ({category: {"phrases":
              '"compliance" ([regex, ...]), "refusal" ([regex, ...]) and optionally "weights"')
 
 
-class LexiconError(ValueError):
+class LexiconError(LancetUserError, ValueError):
     """The lexicon file is missing or malformed; the message names the file and the expected keys."""
 
 

@@ -15,6 +15,8 @@ Two views of a decoder-only transformer:
 
 from __future__ import annotations
 
+from lancet_core.errors import LancetUserError
+
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -50,7 +52,7 @@ LAYOUTS: dict[str, BlockLayout] = {
 SUPPORTED_MODEL_TYPES = tuple(sorted(LAYOUTS))
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(LancetUserError, ValueError):
     """The model family has no entry in :data:`LAYOUTS`."""
 
 

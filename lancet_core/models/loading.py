@@ -16,12 +16,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lancet_core.config import ModelConfig
+# Re-exported: callers import ModelLoadError from here.
+from lancet_core.models.folder import ModelLoadError, check_model_folder  # noqa: F401
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-class ModelLoadError(RuntimeError):
-    """A model or tokenizer could not be loaded; the message says which and why."""
 
 
 def build_tiny_llama(cfg: ModelConfig, tokenizer) -> LlamaForCausalLM:
@@ -46,10 +44,6 @@ def build_tiny_llama(cfg: ModelConfig, tokenizer) -> LlamaForCausalLM:
     return model
 
 
-def _has_safetensors(path: Path) -> bool:
-    return any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))
-
-
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
@@ -63,17 +57,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 def load_model(name_or_path: str, cfg: ModelConfig | None = None, allow_pickle: bool = False):
     """Load a causal LM by hub name or local folder (safetensors only unless ``allow_pickle``)."""
     cfg = cfg or ModelConfig()
-    local = Path(name_or_path)
-    if local.exists():
-        if not local.is_dir():
-            raise ModelLoadError(f"model path {local} is a file; expected a Hugging Face model folder")
-        if not (local / "config.json").exists():
-            raise ModelLoadError(f"model folder {local} has no config.json; expected save_pretrained output")
-        if not _has_safetensors(local) and not allow_pickle:
-            raise ModelLoadError(
-                f"model folder {local} has no .safetensors weights; pickled checkpoints can run code on "
-                "load and are refused (pass allow_pickle=True only for a file you trust)"
-            )
+    check_model_folder(name_or_path, allow_pickle)
     try:
         # Any: transformers types PreTrainedModel.to through functools.wraps, which mypy reads as
         # taking the model as its first argument.

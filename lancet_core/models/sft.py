@@ -7,11 +7,17 @@ loss with ``patience`` epochs of slack; about 3 epochs is the measured sweet spo
 (safetensors + JSON), so an interrupted run resumes from its last finished epoch. The state
 holds the best epoch's weights too: early stopping after a resume must return to an epoch
 finished before the crash, exactly as an uninterrupted run does.
+
+The state is validated before it is used: ``trainer_state.json`` against :class:`TrainerState`
+(a pydantic schema) and each weights file against the sha256 recorded there. A state that does
+not validate (torn JSON, wrong shape, garbage bytes, altered or truncated weights, another
+model's tensors) is logged once as a warning and training starts from scratch: resuming from
+a damaged state would silently train a different model.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import random
 import shutil
@@ -25,7 +31,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from lancet_core.config import TrainingConfig
+from lancet_core.storage import file_sha256
 from lancet_core.models.encoding import EncodedBatch, encode_pairs, shifted_token_logprobs
 
 
@@ -76,6 +85,38 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+log = logging.getLogger(__name__)
+_STATE_FILES = ("model.safetensors", "best.safetensors", "optimizer.safetensors")
+
+
+class _History(BaseModel):
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")  # inf round-trips, not as null
+    train: list[float]
+    heldout: list[float]
+    best_epoch: int = Field(ge=-1)
+    best_loss: float  # inf before the first epoch beats it
+
+
+class _OptimizerMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    param_groups: list[dict]
+    state_keys: dict[str, dict]
+
+
+class TrainerState(BaseModel):
+    """``trainer_state.json``: where training stopped, and the sha256 of each weights file."""
+
+    model_config = ConfigDict(extra="forbid")
+    epoch: int = Field(ge=1)
+    history: _History
+    optimizer: _OptimizerMeta
+    checksums: dict[str, str]
+
+
+class DamagedStateError(ValueError):
+    """The trainer state does not validate; the message says which file and why."""
+
+
 def _save_state(state_dir: Path, model, optimizer, epoch: int, history: dict,
                 best_weights: dict[str, torch.Tensor]) -> None:
     tmp = state_dir.with_name(state_dir.name + ".tmp")
@@ -92,27 +133,54 @@ def _save_state(state_dir: Path, model, optimizer, epoch: int, history: dict,
             else:
                 opt_meta["state_keys"][str(pid)][k] = v
     save_file(opt_tensors or {"_empty": torch.zeros(1)}, str(tmp / "optimizer.safetensors"))
-    (tmp / "trainer_state.json").write_text(json.dumps({"epoch": epoch, "history": history, "optimizer": opt_meta}))
+    checksums = {name: file_sha256(tmp / name) for name in _STATE_FILES}
+    state = TrainerState(epoch=epoch, history=history, optimizer=opt_meta, checksums=checksums)
+    (tmp / "trainer_state.json").write_text(state.model_dump_json())
     shutil.rmtree(state_dir, ignore_errors=True)
     tmp.rename(state_dir)  # atomic: a half-written state is never taken for a finished one
 
 
-def _load_state(state_dir: Path, model, optimizer) -> tuple[int, dict, dict[str, torch.Tensor]]:
-    meta = json.loads((state_dir / "trainer_state.json").read_text())
-    model.load_state_dict(load_file(str(state_dir / "model.safetensors")))
-    best = state_dir / "best.safetensors"
-    best_weights = load_file(str(best)) if best.exists() else model.state_dict()
-    tensors = load_file(str(state_dir / "optimizer.safetensors"))
-    opt_state = {"param_groups": meta["optimizer"]["param_groups"], "state": {}}
-    for pid, scalars in meta["optimizer"]["state_keys"].items():
+def _read_state(state_dir: Path, model, max_epoch: int) -> tuple[TrainerState, dict[str, dict]]:
+    """Validate everything before anything is applied (a half-applied state is worse than none)."""
+    try:
+        meta = TrainerState.model_validate_json((state_dir / "trainer_state.json").read_bytes())
+    except (OSError, ValueError) as err:
+        raise DamagedStateError(f"trainer_state.json does not validate ({type(err).__name__})") from None
+    if meta.epoch > max_epoch or len(meta.history.train) != meta.epoch or len(meta.history.heldout) != meta.epoch:
+        raise DamagedStateError(f"trainer_state.json: epoch {meta.epoch} does not match its history "
+                                f"or the {max_epoch} configured epochs")
+    if set(meta.checksums) != set(_STATE_FILES):
+        raise DamagedStateError(f"trainer_state.json: checksums for {sorted(meta.checksums)}, expected {_STATE_FILES}")
+    tensors = {}
+    for name in _STATE_FILES:
+        path = state_dir / name
+        if not path.is_file() or file_sha256(path) != meta.checksums[name]:
+            raise DamagedStateError(f"{name} is missing or its sha256 differs from trainer_state.json")
+        tensors[name] = load_file(str(path))
+    own = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    for name in ("model.safetensors", "best.safetensors"):
+        if {k: (tuple(v.shape), v.dtype) for k, v in tensors[name].items()} != own:
+            raise DamagedStateError(f"{name} holds another model's tensors (names, shapes or dtypes differ)")
+    return meta, tensors
+
+
+def _load_state(state_dir: Path, model, optimizer, max_epoch: int) -> tuple[int, dict, dict[str, torch.Tensor]]:
+    meta, tensors = _read_state(state_dir, model, max_epoch)
+    per_param: dict[int, dict] = {}
+    opt_state = {"param_groups": meta.optimizer.param_groups, "state": per_param}
+    for pid, scalars in meta.optimizer.state_keys.items():
         st = dict(scalars)
-        for key, val in tensors.items():
+        for key, val in tensors["optimizer.safetensors"].items():
             p, _, name = key.partition(".")
             if p == pid:
                 st[name] = val
-        opt_state["state"][int(pid)] = st
-    optimizer.load_state_dict(opt_state)
-    return meta["epoch"], meta["history"], best_weights
+        per_param[int(pid)] = st
+    try:
+        optimizer.load_state_dict(opt_state)  # checks the groups against this optimizer's before changing it
+    except (ValueError, KeyError, TypeError) as err:
+        raise DamagedStateError(f"optimizer state does not fit this model ({err})") from None
+    model.load_state_dict(tensors["model.safetensors"])
+    return meta.epoch, meta.history.model_dump(), tensors["best.safetensors"]
 
 
 def train_sft(
@@ -147,7 +215,14 @@ def train_sft(
     state_path = Path(state_dir) if state_dir else None
     best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if state_path and (state_path / "trainer_state.json").exists():
-        start_epoch, history, best_weights = _load_state(state_path, model, optimizer)
+        try:
+            start_epoch, history, best_weights = _load_state(state_path, model, optimizer, cfg.epochs)
+        except DamagedStateError as err:
+            log.warning("SFT state %s is damaged (%s): training from scratch", state_path, err)
+            shutil.rmtree(state_path, ignore_errors=True)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    if start_epoch:
         with warnings.catch_warnings():  # fast-forwarding the schedule, not skipping a step
             warnings.simplefilter("ignore", UserWarning)
             for _ in range(start_epoch * steps_per_epoch):

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from collections.abc import Callable, Iterator
 
 from lancet_core.config import LancetConfig, expand_env, redact
+from lancet_core.errors import LancetUserError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,7 +34,7 @@ _LOCK = threading.RLock()
 _CLIENTS: dict[str, Any] = {}
 
 
-class TrackingUnavailableError(RuntimeError):
+class TrackingUnavailableError(LancetUserError, RuntimeError):
     """The MLflow tracking backend cannot be reached; raised before any stage runs."""
 
 
