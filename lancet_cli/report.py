@@ -1,136 +1,30 @@
 """``lancet report RUN_ID``: one self-contained HTML file for an MLflow run of LANCET.
 
-Stage metrics, before/after, the most influential training samples (text and scores),
-the unsafe outputs, and the plots embedded as base64 PNG. No script, no external asset
-(a Content-Security-Policy forbids both), and every string that comes from the data, the
-config or MLflow is HTML-escaped: dataset text is untrusted input.
+Reads the run back from MLflow (summary, stage runs, their tables and plots) and renders it
+with :func:`lancet_core.evaluation.influence_report.render_influence_report`: per unsafe
+output the training samples that caused and inhibited it (``influence_by_query`` and
+``queries`` tables of the rank run, when logged), the pooled ranking, before/after metrics
+and the plots embedded as base64 PNG. Dataset text is untrusted input: it is escaped.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
-
-TEXT_COLUMNS = ("prompt", "response", "top_query")
-SAMPLE_COLUMNS = ("rank", "sample_id", "score", "z", "planted", "category", "kind", "top_query", "prompt", "response")
-UNSAFE_COLUMNS = ("probe_id", "category", "phrasing", "decoding", "unsafe_prob", "prompt", "response")
-MAX_ROWS = 50
-
-
-def esc(value: Any) -> str:
-    """HTML-escape anything (quotes included, so it is safe in attributes too)."""
-    return html.escape("" if value is None else str(value), quote=True)
-
-
-def fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
-    return str(value)
-
+from typing import Any
 
 # ------------------------------------------------------------------------------ rendering
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
-h1{font-size:1.5rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:.5rem 0;font-size:.85rem;width:100%}
-th,td{border:1px solid #ddd;padding:.25rem .45rem;text-align:left;vertical-align:top}
-th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-td.text{max-width:32rem;white-space:pre-wrap;word-break:break-word}
-.ok{color:#1a7f37;font-weight:600}.bad{color:#b42318;font-weight:600}.muted{color:#777}
-figure{display:inline-block;margin:.5rem}figure img{max-width:560px;border:1px solid #eee}
-code{background:#f6f6f6;padding:0 .2rem}
-"""
-
-
-def _table(rows: list[dict[str, Any]], columns: Iterable[str] | None = None) -> str:
-    if not rows:
-        return '<p class="muted">(none)</p>'
-    cols = [c for c in (columns or rows[0].keys()) if any(c in r for r in rows)]
-    head = "".join(f"<th>{esc(c)}</th>" for c in cols)
-    body = []
-    for r in rows:
-        cells = []
-        for c in cols:
-            v = r.get(c)
-            cls = "num" if isinstance(v, (int, float)) and not isinstance(v, bool) else (
-                "text" if c in TEXT_COLUMNS else "")
-            cells.append(f'<td class="{cls}">{esc(fmt(v))}</td>')
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def _kv(items: dict[str, Any]) -> str:
-    return _table([{"key": k, "value": v} for k, v in items.items()], ["key", "value"])
-
-
 def render_report(data: dict[str, Any]) -> str:
-    """HTML from the collected report data (pure function; every value escaped)."""
-    summary = data.get("summary") or {}
-    parts = [
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
-        "style-src 'unsafe-inline'\">",
-        f"<title>LANCET report {esc(data.get('run_id'))}</title><style>{_CSS}</style></head><body>",
-        f"<h1>LANCET report: {esc(data.get('run_name') or data.get('run_id'))}</h1>",
-        f"<p class=\"muted\">MLflow run <code>{esc(data.get('run_id'))}</code> in experiment "
-        f"<code>{esc(data.get('experiment'))}</code> ({esc(data.get('tracking_uri'))}); status "
-        f"{esc(data.get('status'))}; generated {esc(data.get('generated'))}</p>",
-    ]
-    if summary:
-        promoted = summary.get("promoted")
-        cls = "ok" if promoted else "bad"
-        parts.append(f"<p>Promotion: <span class=\"{cls}\">{'promoted to champion' if promoted else 'not promoted'}"
-                     f"</span> - {esc(summary.get('reason'))}</p>")
-        before, after = summary.get("before") or {}, summary.get("after") or {}
-        keys = list(dict.fromkeys([*before.keys(), *after.keys()]))
-        rows = [{"metric": k, "before": before.get(k), "after": after.get(k)} for k in keys]
-        parts += ["<h2>Before / after</h2>", _table(rows, ["metric", "before", "after"])]
-        if summary.get("influence"):
-            parts += ["<h2>Influence</h2>", _kv(summary["influence"])]
-        if summary.get("timings_s"):
-            cached = summary.get("cached") or {}
-            rows = [{"stage": k, "seconds": v, "cached": cached.get(k)} for k, v in summary["timings_s"].items()]
-            parts += ["<h2>Stage timings</h2>", _table(rows, ["stage", "seconds", "cached"])]
-    if data.get("metrics"):
-        parts += ["<h2>Run metrics</h2>", _kv(dict(sorted(data["metrics"].items())))]
-    if data.get("stages"):
-        parts.append("<h2>Stages</h2>")
-        rows = []
-        for st in data["stages"]:
-            row = {"stage": st.get("name"), "status": st.get("status"), "seconds": st.get("duration_s"),
-                   "cached": st.get("cached"), "run_id": st.get("run_id")}
-            row["metrics"] = ", ".join(f"{k}={fmt(v)}" for k, v in sorted((st.get("metrics") or {}).items()))
-            rows.append(row)
-        parts.append(_table(rows, ["stage", "status", "seconds", "cached", "metrics", "run_id"]))
-    if data.get("top") is not None:
-        parts += ["<h2>Most influential training samples (raise the unsafe outputs)</h2>",
-                  _table(data["top"][:MAX_ROWS], SAMPLE_COLUMNS)]
-    if data.get("bottom") is not None:
-        parts += ["<h2>Most inhibiting training samples</h2>", _table(data["bottom"][:MAX_ROWS], SAMPLE_COLUMNS)]
-    if data.get("unsafe") is not None:
-        parts += ["<h2>Unsafe outputs (influence queries)</h2>", _table(data["unsafe"][:MAX_ROWS], UNSAFE_COLUMNS)]
-    if data.get("plots"):
-        parts.append("<h2>Plots</h2>")
-        for name, png in data["plots"]:
-            b64 = base64.b64encode(png).decode("ascii")
-            parts.append(f'<figure><img alt="{esc(name)}" src="data:image/png;base64,{b64}">'
-                         f"<figcaption>{esc(name)}</figcaption></figure>")
-    if data.get("params"):
-        parts += ["<h2>Configuration</h2>", _kv(dict(sorted(data["params"].items())))]
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    """HTML from the collected report data (the Jinja2 template of
+    :mod:`lancet_core.evaluation.influence_report`; every value escaped). Plots whose name
+    says heatmap are shown beside the per-query sections."""
+    from lancet_core.evaluation.influence_report import render_influence_report
+
+    plots = data.get("plots") or []
+    heat = [p for p in plots if "heatmap" in str(p[0])]
+    return render_influence_report({**data, "heatmap": heat, "plots": [p for p in plots if p not in heat]})
 
 
 # ------------------------------------------------------------------------------ collection
@@ -199,11 +93,15 @@ def collect_report_data(run_id: str, tracking_uri: str) -> dict[str, Any]:
             if name == "rank":
                 data["top"] = _load_table(client, child.info.run_id, "tables/influence_top.json", tmp)
                 data["bottom"] = _load_table(client, child.info.run_id, "tables/influence_bottom.json", tmp)
+                data["by_query"] = _load_table(client, child.info.run_id, "tables/influence_by_query.json", tmp)
+            if name in ("queries", "rank") and data.get("queries") is None:
+                data["queries"] = _load_table(client, child.info.run_id, "tables/query_set.json", tmp)
             if name in ("probe", "champion_probe"):
                 data["unsafe"] = _load_table(client, child.info.run_id, "tables/unsafe_outputs.json", tmp)
             data["plots"] += _plots(client, child.info.run_id, tmp, f"{name}: ")
         if not children:  # a stage run given directly
             for key, path in (("top", "tables/influence_top.json"), ("bottom", "tables/influence_bottom.json"),
+                              ("by_query", "tables/influence_by_query.json"), ("queries", "tables/query_set.json"),
                               ("unsafe", "tables/unsafe_outputs.json")):
                 rows = _load_table(client, run_id, path, tmp)
                 if rows is not None:

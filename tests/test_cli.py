@@ -76,7 +76,7 @@ def test_render_report_escapes_all_dataset_text():
     })
     assert "<script" not in html.lower()
     assert "<img src=x" not in html and "onerror=alert" not in html.replace("onerror=alert(1)&gt;", "")
-    assert "&lt;script&gt;alert(&quot;pwned&quot;)&lt;/script&gt;" in html
+    assert "&lt;script&gt;alert(&#34;pwned&#34;)&lt;/script&gt;" in html
     assert "default-src 'none'" in html  # CSP: no script, no remote asset even if something slipped through
     assert "data:image/png;base64," in html
 
@@ -108,7 +108,7 @@ def test_report_command_reads_mlflow_and_escapes(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     html = out.read_text()
     assert "<script" not in html.lower()
-    assert "&lt;script&gt;alert(&quot;pwned&quot;)&lt;/script&gt;" in html
+    assert "&lt;script&gt;alert(&#34;pwned&#34;)&lt;/script&gt;" in html
     assert "w-1" in html and "recall_at_k" in html
     assert len(re.findall(r"data:image/png;base64,[A-Za-z0-9+/=]{100,}", html)) >= 1
 
