@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+
 # ------------------------------------------------------------------------------ rendering
 def render_report(data: dict[str, Any]) -> str:
     """HTML from the collected report data (the Jinja2 template of

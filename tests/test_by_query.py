@@ -9,8 +9,13 @@ import pytest
 import torch
 
 from lancet_core.config import InfluenceConfig, QueryConfig
-from lancet_core.influence.by_query import (BY_QUERY_COLUMNS, build_by_query, load_by_query, per_query_matrix,
-                                            query_z_frame)
+from lancet_core.influence.by_query import (
+    BY_QUERY_COLUMNS,
+    build_by_query,
+    load_by_query,
+    per_query_matrix,
+    query_z_frame,
+)
 
 S = np.array([[3.0, -1.0, 0.0, 5.0, -4.0],
               [-2.0, 1.0, 2.0, -1.0, 0.0]])

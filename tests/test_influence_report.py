@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from lancet_core.evaluation.influence_report import SIGN_SENTENCE, render_influence_report
+from lancet_core.evaluation.influence_report import (
+    SIGN_SENTENCE,
+    render_influence_report,
+)
 from lancet_core.influence.views import by_query_table
 
 EVIL = "<script>alert(1)</script>"

@@ -10,7 +10,7 @@ from lancet_core.influence.by_query import BY_QUERY_FILE, build_by_query
 
 
 def test_query_view_uses_saved_by_query_without_factors_or_model(tmp_path, monkeypatch):
-    import lancet_cli.app as app
+    from lancet_cli import app
 
     cfg = load_config(None, [f"output_dir={tmp_path}", "name=inspect-test"])
     run = cfg.run_dir()

@@ -9,6 +9,8 @@ score, z`` and the known labels in ``influence_by_query``. Text is cut to ``max_
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 
 from lancet_core.influence.scores import LABEL_COLUMNS
@@ -22,7 +24,7 @@ BY_QUERY_HEAD = ["query_id", "unsafe_prompt", "unsafe_response", "direction", "r
 
 def cut(text, max_chars: int = TEXT_CHARS) -> str:
     """``text`` as a string of at most ``max_chars`` characters (the last one an ellipsis when cut)."""
-    text = "" if text is None or (isinstance(text, float) and text != text) else str(text)
+    text = "" if text is None or (isinstance(text, float) and math.isnan(text)) else str(text)
     return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
 
 
