@@ -93,7 +93,7 @@ def test_sharded_and_single_process_by_query_agree(trained_world, tmp_path):
     from lancet_core.influence import InfluenceData, get_estimator
     from lancet_core.influence.scores import finish_ranking, load_query_set
     from lancet_core.influence.sharding import plan_shards
-    from tests.test_sharding import sharded_fit
+    from test_sharding import sharded_fit  # tests/ is on sys.path (rootdir conftest)
 
     world, tok, model = trained_world["world"], trained_world["tokenizer"], trained_world["model"]
     train = world.train.head(120).assign(sample_id=lambda d: d["sample_id"].astype(str))
