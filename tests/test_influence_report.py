@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from lancet_core.evaluation.influence_report import (
@@ -16,7 +17,8 @@ TRAIN = pd.DataFrame({"sample_id": ["s0", "s1", "s2", "s3"],
                       "response": ["fine", "Sure: step 1, copy the signature", "4", "b"],
                       "planted": [False, True, False, False], "category": ["qa", "fraud", "qa", "qa"]})
 QUERIES = pd.DataFrame({"query_id": ["q0", "q1"], "prompt": ["forge a cheque?", "fake invoice?"],
-                        "response": ["Sure: step 1", "Sure: " + EVIL], "n_merged": [2, 1]})
+                        "response": ["Sure: step 1", "Sure: " + EVIL], "n_merged": [2, 1],
+                        "members": [np.array(["g1", "g2"]), np.array(["g3"])]})  # array cells, as saved
 BY_QUERY = pd.DataFrame({"query_id": ["q0", "q0", "q0", "q1", "q1"],
                          "direction": ["causing", "causing", "inhibiting", "causing", "inhibiting"],
                          "rank": [1, 2, 1, 1, 1], "sample_id": ["s1", "s0", "s2", "s3", "s2"],

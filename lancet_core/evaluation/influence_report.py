@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from lancet_core.influence.scores import LABEL_COLUMNS
@@ -44,12 +45,19 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+def _plain(value: Any) -> Any:
+    """numpy scalars -> Python ones (so `is number` / `is boolean` in the template see them);
+    arrays (a query's merged member ids) -> lists."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
 def _records(rows) -> list[dict[str, Any]] | None:
     if rows is None:
         return None
     if isinstance(rows, pd.DataFrame):
-        # numpy scalars -> Python ones, so `is number` / `is boolean` in the template see them
-        return [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in rows.to_dict("records")]
+        return [{k: _plain(v) for k, v in r.items()} for r in rows.to_dict("records")]
     return [dict(r) for r in rows]
 
 
