@@ -465,10 +465,14 @@ class InspectError(RuntimeError):
 def query_view(cfg: LancetConfig, query: str | None, top: int = 10, recompute: bool = False) -> dict[str, Any]:
     """Training samples that cause (score > 0) and inhibit (score < 0) one unsafe output.
 
-    Reads ``<run_dir>/scores/scores.parquet`` when it was built in single mode (one ``q_<id>``
-    column per query); otherwise scores that one query again with the fitted factors.
+    Reads ``<run_dir>/scores/by_query.parquet`` (each query's ``queries.report_top_k`` causing
+    and inhibiting samples, saved by the ranking); for older runs the single-mode ``q_<id>``
+    columns of scores.parquet; otherwise (or with ``recompute``) scores that one query again
+    with the fitted factors.
     """
     import pandas as pd
+
+    from lancet_core.influence.by_query import BY_QUERY_FILE
 
     run_dir = cfg.run_dir()
     qpath = run_dir / "queries" / "queries.parquet"
@@ -488,19 +492,28 @@ def query_view(cfg: LancetConfig, query: str | None, top: int = 10, recompute: b
     scores_path = run_dir / "scores" / "scores.parquet"
     scores = pd.read_parquet(scores_path) if scores_path.is_file() else None
     col = f"q_{qid}"
+    text = train.assign(sample_id=train["sample_id"].astype(str)).set_index("sample_id")
+    text = text[[c for c in ("prompt", "response", "planted") if c in text.columns]]
+    query_out = {k: (v if not hasattr(v, "tolist") else v.tolist()) for k, v in q.items()}
+    saved = run_dir / "scores" / BY_QUERY_FILE
+    if saved.is_file() and not recompute:  # the ranking kept each query's top samples: no re-scoring
+        mine = pd.read_parquet(saved).query("query_id == @qid").join(text, on="sample_id")
+        side = {d: mine[mine["direction"] == d].sort_values("rank").head(top) for d in ("causing", "inhibiting")}
+        return {"query": query_out, "source": f"saved per-query ranking {saved} (top {cfg.queries.report_top_k} "
+                                              "each side)",
+                "positive": side["causing"].to_dict("records"), "negative": side["inhibiting"].to_dict("records")}
     if scores is not None and col in scores.columns and not recompute:
         per = pd.DataFrame({"sample_id": scores["sample_id"].astype(str), "score": scores[col].astype(float)})
         source = f"single-mode ranking {scores_path}"
     else:
         per = _rescore_query(cfg, q, train)
         source = f"recomputed with the {cfg.influence.method} factors in {run_dir / 'factors'}"
-    text = train.assign(sample_id=train["sample_id"].astype(str)).set_index("sample_id")
     per = per.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     per["rank"] = range(1, len(per) + 1)
-    per = per.join(text[[c for c in ("prompt", "response", "planted") if c in text.columns]], on="sample_id")
+    per = per.join(text, on="sample_id")
     positive = per[per["score"] > 0].head(top)
     negative = per[per["score"] < 0].tail(top).iloc[::-1]
-    return {"query": {k: (v if not hasattr(v, "tolist") else v.tolist()) for k, v in q.items()}, "source": source,
+    return {"query": query_out, "source": source,
             "positive": positive.to_dict("records"), "negative": negative.to_dict("records")}
 
 

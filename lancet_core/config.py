@@ -146,6 +146,8 @@ class QueryConfig(_Section):
     dedup: bool = True
     dedup_threshold: float = Field(0.95, gt=0, le=1.0, description="Token-Jaccard above which queries merge.")
     max_queries: int = Field(256, ge=1)
+    report_top_k: int = Field(10, ge=1, description="Causing and inhibiting training samples kept per query "
+                                                     "(by_query.parquet, the report).")
 
 
 class InfluenceConfig(_Section):

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 from collections.abc import Iterator
 
@@ -106,6 +107,33 @@ def flow_run(cfg: LancetConfig, flow_name: str) -> Iterator[FlowRun]:
         finish_run(cfg, parent, run.summary)
 
 
+REPORT_ARTIFACT = "report/influence_report.html"
+
+
+def influence_report_html(cfg: LancetConfig, summary: RunSummary) -> str | None:
+    """The per-unsafe-output influence report of this run (None when nothing was ranked)."""
+    import pandas as pd
+
+    from lancet_core.evaluation.influence_report import render_influence_report
+    from lancet_core.influence.by_query import load_by_query
+    from lancet_core.influence.views import bottom_table, by_query_table, top_table
+
+    dirs = summary.stage_dirs
+    if not all(dirs.get(k) for k in ("data", "queries", "rank")):
+        return None
+    rank_dir = Path(str(dirs["rank"]))
+    train = pd.read_parquet(Path(str(dirs["data"])) / "train.parquet")
+    queries = pd.read_parquet(Path(str(dirs["queries"])) / "queries.parquet")
+    scores = pd.read_parquet(rank_dir / "scores.parquet")
+    return render_influence_report({
+        "run_id": summary.mlflow_run_id, "run_name": summary.flow, "experiment": tracking.experiment_name(cfg),
+        "tracking_uri": summary.mlflow_tracking_uri, "status": "FINISHED",
+        "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": summary.model_dump(mode="json"),
+        "queries": queries, "by_query": by_query_table(load_by_query(rank_dir), queries, train, text_chars=None),
+        "top": top_table(scores, train, 50), "bottom": bottom_table(scores, train, 50),
+    })
+
+
 def finish_run(cfg: LancetConfig, parent_run_id: str | None, summary: RunSummary) -> RunSummary:
     """Parent-run metrics and plots, the Prefect markdown artifact and the summary files."""
     from tasks import plots
@@ -122,6 +150,14 @@ def finish_run(cfg: LancetConfig, parent_run_id: str | None, summary: RunSummary
         parent.figure(plots.harm_vs_utility({"before": summary.before, "after": summary.after}),
                       "plots/harm_vs_utility.png")
     summary.mlflow_run_url = tracking.run_url(cfg, parent_run_id)
+    if parent.enabled:
+        try:
+            html = influence_report_html(cfg, summary)
+        except Exception:  # a view must never fail a finished run
+            log.exception("could not build the influence report")
+            html = None
+        if html:  # MLflow shows .html artifacts inline: run page -> Artifacts -> report/influence_report.html
+            parent.text(html, REPORT_ARTIFACT)
     parent.dict(summary.model_dump(mode="json"), "summary/summary.json")
     summary.summary_path = artifacts.publish_summary(cfg, summary.model_dump(mode="json"), summary.mlflow_run_url)
     return summary

@@ -193,44 +193,17 @@ def fit_influence(cfg: LancetConfig, data_dir: str, data_digest: str, model_dir:
         return _payload("fit", res, started, run)
 
 
-def _query_matrix(cfg: LancetConfig, rank_dir: Path, top: pd.DataFrame, model_dir: str, fit_dir: str,
-                  queries_dir: str, train: pd.DataFrame) -> tuple[np.ndarray, list[str], list[str], str] | None:
-    """Per-query scores of the top samples.
+def _query_matrix(rank_dir: Path, top: pd.DataFrame) -> tuple[np.ndarray, list[str], list[str], str] | None:
+    """Per-query z-scores of the top samples, read from the ranking's saved per-query matrix."""
+    from lancet_core.influence.by_query import per_query_matrix
 
-    Single mode keeps one ``q_<id>`` column per query in the scores table; batch mode keeps
-    only the aggregate, so the top samples are scored again against every query with the
-    fitted factors (cheap: a few dozen training gradients). Falls back to each sample's
-    aggregate score at its top query when that is not possible.
-    """
     ids = top["sample_id"].astype(str).tolist()
-    qcols = [c for c in top.columns if str(c).startswith("q_")]
-    if qcols:
-        return top[qcols].to_numpy(float).T, [str(c)[2:] for c in qcols], ids, "per-query z-scores"
     try:
-        return _rescore_top(cfg, ids, model_dir, fit_dir, queries_dir, train)
-    except Exception as err:  # a plot must never fail the stage
-        log.warning("heatmap: could not rescore the top samples per query (%s); using top queries", err)
-    if "top_query" not in top.columns or top["top_query"].isna().all():
+        matrix, queries, ids = per_query_matrix(rank_dir, ids)
+    except (FileNotFoundError, KeyError) as err:  # a plot must never fail the stage
+        log.warning("heatmap skipped: %s", err)
         return None
-    queries = sorted(top["top_query"].dropna().astype(str).unique())
-    mat = np.zeros((len(queries), len(ids)))
-    for j, (q, sc) in enumerate(zip(top["top_query"].astype(str), top["score"].astype(float), strict=True)):
-        if q in queries:
-            mat[queries.index(q), j] = sc
-    return mat, queries, ids, "aggregate score at each sample's top query"
-
-
-def _rescore_top(cfg: LancetConfig, ids: list[str], model_dir: str, fit_dir: str, queries_dir: str,
-                 train: pd.DataFrame) -> tuple[np.ndarray, list[str], list[str], str]:
-    from lancet_core.stages.influence import rescore
-
-    queries = pd.read_parquet(Path(queries_dir) / "queries.parquet")
-    samples = train.assign(sample_id=train["sample_id"].astype(str)).set_index("sample_id").loc[ids].reset_index()
-    matrix = np.asarray(rescore(cfg, model_dir, fit_dir, queries, samples, train), float)
-    # Each query's row divided by its largest |score| (sign kept), so one large-norm query does not dominate.
-    scale = np.abs(matrix).max(axis=1, keepdims=True)
-    matrix = np.divide(matrix, scale, out=np.zeros_like(matrix), where=scale > 0)
-    return matrix, queries["query_id"].astype(str).tolist(), ids, "per-query scores / row max |score|"
+    return matrix, queries, ids, "per-query z-scores"
 
 
 @task(**_stage_opts("rank"))
@@ -254,7 +227,7 @@ def rank_training_data(cfg: LancetConfig, data_dir: str, data_digest: str, model
             run.artifact(scores_path, "ranking")
             run.figure(plots.influence_histogram(scores), "plots/influence_histogram.png")
             top = scores.sort_values("score", ascending=False, kind="stable").drop_duplicates("sample_id").head(40)
-            mat = _query_matrix(cfg, Path(res.path), top, model_dir, fit_dir, queries_dir, train)
+            mat = _query_matrix(Path(res.path), top)
             if mat is not None and mat[0].size:
                 m, qlab, slab, what = mat
                 if len(qlab) > 40:  # keep the queries these samples influence most

@@ -229,6 +229,16 @@ def test_mlflow_tables_datasets_and_artifacts_load_back(runs, tmp_path):
     plots = {a.path for a in client.list_artifacts(rank_id, "plots")}
     assert "plots/influence_histogram.png" in plots and "plots/query_sample_heatmap.png" in plots
     assert "plots/harm_vs_utility.png" in {a.path for a in client.list_artifacts(s["mlflow_run_id"], "plots")}
+    # the per-unsafe-output report on the parent run: each query's prompt and its causing samples' text
+    report = Path(client.download_artifacts(s["mlflow_run_id"], "report/influence_report.html", str(tmp_path)))
+    html = report.read_text()
+    queries = pd.read_parquet(Path(s["stage_dirs"]["queries"]) / "queries.parquet")
+    by_query = pd.read_parquet(Path(s["stage_dirs"]["rank"]) / "by_query.parquet")
+    first = str(queries["query_id"].iloc[0])
+    top_sample = by_query[(by_query["query_id"].astype(str) == first) & (by_query["direction"] == "causing")]
+    train = pd.read_parquet(Path(s["stage_dirs"]["data"]) / "train.parquet").set_index("sample_id")
+    import html as html_lib
+    assert str(train.loc[top_sample["sample_id"].iloc[0], "response"]) in html_lib.unescape(html)
 
     factors = [a.path for a in client.list_artifacts(kids["fit"].info.run_id, "factors")]
     assert "factors/manifest.json" in factors

@@ -42,6 +42,7 @@ import torch
 
 from lancet_core.config import InfluenceConfig, QueryConfig
 from lancet_core.influence.base import InfluenceData, InfluenceEstimator
+from lancet_core.influence.by_query import standardize_rows, write_per_query
 from lancet_core.influence.metrics import ranking_metrics
 from lancet_core.queries import NothingToCorrect, QuerySet, build_queries
 from lancet_core.storage import is_complete, read_manifest, stage_writer
@@ -66,15 +67,6 @@ SCORE_CODE = FIT_CODE + ("lancet_core.queries",)
 
 
 # ----------------------------------------------------------------------------- aggregation
-def standardize_rows(scores: np.ndarray) -> np.ndarray:
-    """z-score each query's row across training samples; a constant row becomes zeros."""
-    scores = np.asarray(scores, dtype=np.float64)
-    mean = scores.mean(axis=1, keepdims=True)
-    std = scores.std(axis=1, keepdims=True)
-    safe = np.where(std > 0, std, 1.0)
-    return np.where(std > 0, (scores - mean) / safe, 0.0)
-
-
 def aggregate(scores: np.ndarray, weights: np.ndarray | None = None, standardize: bool = True) -> np.ndarray:
     """One score per training sample: the ``weights``-weighted mean over queries."""
     scores = np.asarray(scores, dtype=np.float64)
@@ -155,11 +147,15 @@ def select_sets(table: pd.DataFrame, k_pos: int, k_neg: int) -> tuple[pd.DataFra
 
 # ----------------------------------------------------------------------------- storage
 def save_scores(table: pd.DataFrame, stage_dir: str | Path, inputs: dict,
-                queries: pd.DataFrame | None = None, extra: dict | None = None) -> Path:
+                queries: pd.DataFrame | None = None, extra: dict | None = None,
+                per_query: tuple | None = None) -> Path:
+    """``per_query``: ``(matrix, sample_ids, query_ids, k)`` for :mod:`~lancet_core.influence.by_query`."""
     with stage_writer(stage_dir, inputs, extra) as tmp:
         table.to_parquet(tmp / SCORES_FILE, index=False)
         if queries is not None:
             queries.to_parquet(tmp / QUERIES_FILE, index=False)
+        if per_query is not None:
+            write_per_query(tmp, *per_query)
     return Path(stage_dir)
 
 
@@ -316,7 +312,8 @@ def score_inputs(est: InfluenceEstimator, model_id: str, train_data: InfluenceDa
     """The cache key of a scores stage (shared by the single-process and the sharded path)."""
     return {**factor_inputs(est, None, train_data, cfg, model_id), "queries": data_digest(query_data),
             "weights": qset.weights.tolist(), "config": config_hash(cfg, _SELECTION_ONLY),
-            "mode": query_cfg.mode, "standardize": query_cfg.standardize, "code": code_version(*SCORE_CODE)}
+            "mode": query_cfg.mode, "standardize": query_cfg.standardize, "report_top_k": query_cfg.report_top_k,
+            "code": code_version(*SCORE_CODE)}
 
 
 def finish_ranking(est: InfluenceEstimator, matrix: torch.Tensor | np.ndarray, train: pd.DataFrame,
@@ -327,9 +324,11 @@ def finish_ranking(est: InfluenceEstimator, matrix: torch.Tensor | np.ndarray, t
     table = build_scores_table(matrix, train_data.ids, qset.ids, qset.weights, query_cfg.mode,
                                query_cfg.standardize, train=train, labels=labels)
     metrics = ranking_metrics(table)
+    matrix = matrix.detach().to("cpu", torch.float64).numpy() if torch.is_tensor(matrix) else matrix
     save_scores(table, scores_dir, inputs, qset.table,
                 {"method": est.name, "metrics": metrics, "timings": timings,
-                 "n_queries": len(qset), "n_train": len(train_data), **(extra or {})})
+                 "n_queries": len(qset), "n_train": len(train_data), **(extra or {})},
+                per_query=(matrix, train_data.ids, qset.ids, query_cfg.report_top_k))
     if metrics:
         log.info("influence %s: recall@%d=%.3f auroc=%.3f", est.name, metrics["k"], metrics["recall_at_k"],
                  metrics["auroc"])

@@ -86,3 +86,39 @@ def top_table(scores: pd.DataFrame, train: pd.DataFrame, n: int, text_chars: int
 def bottom_table(scores: pd.DataFrame, train: pd.DataFrame, n: int, text_chars: int = TEXT_CHARS) -> pd.DataFrame:
     """The ``n`` samples that most inhibit the unsafe outputs, lowest (most negative) score first."""
     return _view(scores, train, n, text_chars, ascending=True)
+
+
+BY_QUERY_HEAD = ["query_id", "unsafe_prompt", "unsafe_response", "direction", "rank", "sample_id", "prompt",
+                 "response", "score", "z"]
+
+
+def by_query_table(by_query: pd.DataFrame, queries: pd.DataFrame, train: pd.DataFrame,
+                   text_chars: int | None = TEXT_CHARS) -> pd.DataFrame:
+    """``influence_by_query``: each unsafe output's causing then inhibiting samples, with the text they explain.
+
+    Queries come in the order of the query table; ``text_chars=None`` keeps texts whole (the
+    HTML report). Columns: :data:`BY_QUERY_HEAD`, then the labels that exist.
+    """
+    missing = {"query_id", "prompt", "response"} - set(queries.columns)
+    if missing:
+        raise ValueError(f"query table: missing columns {sorted(missing)} (expected query_id, prompt, response)")
+    q = queries.assign(query_id=queries["query_id"].astype(str)).drop_duplicates("query_id").set_index("query_id")
+    rows = by_query.assign(query_id=by_query["query_id"].astype(str))
+    unknown = sorted(set(rows["query_id"]) - set(q.index))
+    if unknown:
+        raise ValueError(f"by_query table names queries not in the query table: {unknown[:5]}")
+    order = {qid: i for i, qid in enumerate(q.index)}
+    rows = rows.assign(_q=rows["query_id"].map(order), _d=(rows["direction"] != "causing").astype(int))
+    rows = rows.sort_values(["_q", "_d", "rank"], kind="stable").drop(columns=["_q", "_d"]).reset_index(drop=True)
+    clip = (lambda s: "" if s is None else str(s)) if text_chars is None else (lambda s: truncate(s, text_chars))
+    rows["unsafe_prompt"] = [clip(s) for s in q["prompt"].reindex(rows["query_id"]).tolist()]
+    rows["unsafe_response"] = [clip(s) for s in q["response"].reindex(rows["query_id"]).tolist()]
+    text = with_text(rows[["sample_id"]].assign(score=0.0), train)
+    rows["prompt"] = [clip(s) for s in text["prompt"].tolist()]
+    rows["response"] = [clip(s) for s in text["response"].tolist()]
+    labels = train.assign(sample_id=train["sample_id"].astype(str)).drop_duplicates("sample_id").set_index("sample_id")
+    for col in LABEL_COLUMNS:
+        if col not in rows.columns and col in labels.columns:
+            rows[col] = labels[col].reindex(rows["sample_id"]).to_numpy()
+    head = [c for c in BY_QUERY_HEAD if c in rows.columns]
+    return rows[head + [c for c in rows.columns if c not in head]]
