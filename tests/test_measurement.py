@@ -8,6 +8,7 @@ then checked against the autograd dot product grad f_q . grad log p(z_i).
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -95,3 +96,19 @@ def test_margin_contrast_is_the_refusal_and_logprob_has_none():
     assert m.subset([2, 0]).contrast.ids == [m.ids[2], m.ids[0]]
     with pytest.raises(ValueError, match="queries.measurement"):
         with_measurement(m, tok, 64, "nonsense")
+
+
+def test_the_score_cache_key_holds_the_measurement():
+    from lancet_core.influence.scores import score_inputs
+
+    est = IdentityEstimator(InfluenceConfig(method="identity"))
+    margin, train = margin_queries(), data(padded_batch(5, seed=3), "t")
+    plain = data(margin.encoded, "q")
+    qset = build_queries(pd.DataFrame({"prompt": ["a"] * 4, "response": ["b", "c", "d", "e"]}),
+                         QueryConfig(dedup=False))
+    keys = [score_inputs(est, "m", train, q, qset, est.cfg, QueryConfig(measurement=ms))
+            for q, ms in ((plain, "logprob"), (margin, "margin"))]
+    assert keys[0] != keys[1] and keys[0]["contrast"] is None and keys[1]["measurement"] == "margin"
+    other = data(padded_batch(4, seed=4), "q")
+    changed = InfluenceData(margin.ids, margin.prompts, margin.responses, margin.encoded, other)
+    assert score_inputs(est, "m", train, changed, qset, est.cfg, QueryConfig(measurement="margin")) != keys[1]
