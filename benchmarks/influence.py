@@ -313,18 +313,26 @@ def sft_step_seconds_per_sample(model, tokenizer, world, cfg: LancetConfig, step
 
 
 # ----------------------------------------------------------------------------- one run
+MARGIN_METHODS = ("linfac", "ekfac", "identity")
+
+
 def benchmark(wm: dict, methods: list[str], icfg: InfluenceConfig, device: str, dtype: torch.dtype,
-              qset: QuerySet, with_quality: bool = True) -> dict:
+              qset: QuerySet, with_quality: bool = True, measurements: tuple[str, ...] = ("logprob",)) -> dict:
     model = wm["model"].to(device=device, dtype=dtype)
     tok, world, cfg = wm["tokenizer"], wm["world"], wm["cfg"]
     train_df = world.train
     train = InfluenceData.from_texts(tok, list(train_df.sample_id), list(train_df.prompt), list(train_df.response),
                                      cfg.model.max_length)
-    queries = qset.to_influence_data(tok, cfg.model.max_length)
     results, aggregates = {}, {}
-    for method in methods:
+    # logprob rows keep the method's name; margin rows (gradient methods only: the lexical
+    # baselines read texts, kronfluence's task measures logprob) are "<method>+margin".
+    runs = [(m, ms) for ms in measurements for m in methods
+            if ms == "logprob" or m in MARGIN_METHODS or m.endswith("_refine")]
+    for base_method, ms in runs:
+        method = base_method if ms == "logprob" else f"{base_method}+{ms}"
+        queries = qset.to_influence_data(tok, cfg.model.max_length, cfg.queries.model_copy(update={"measurement": ms}))
         print(f"  {method} ...", end="", flush=True, file=sys.stderr)
-        stats, matrix = run_method(method, model, train, queries, icfg, device)
+        stats, matrix = run_method(base_method, model, train, queries, icfg, device)
         results[method] = stats
         done = stats.get("error") or "{fit_s:.1f}s fit, {score_s:.1f}s score".format(**stats)
         print(" " + done, file=sys.stderr)
@@ -428,7 +436,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"smaller run, < 3 min on 2 idle cores: {QUICK}")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="world and training seeds")
-    p.add_argument("--variant", choices=["templated", "paraphrase"], default="templated")
+    p.add_argument("--variant", choices=["templated", "paraphrase", "behaviour"], default="templated")
+    p.add_argument("--measurement", nargs="+", choices=["logprob", "margin"], default=["logprob"],
+                   help="query measurement(s); margin rows are named <method>+margin")
     p.add_argument("--methods", nargs="+", choices=ALL_METHODS + EXTRA_METHODS, default=None,
                    help=f"default: {' '.join(ALL_METHODS)}; with --scale: {' '.join(SCALE_METHODS)}")
     p.add_argument("--n-train", type=int, default=None, help="training samples (default: the world's 2000)")
@@ -491,7 +501,8 @@ def main(argv=None) -> dict:
                 print(f"seed {seed}: the model produced nothing unsafe; nothing to rank", file=sys.stderr)
                 per_seed[seed] = {"methods": {}, "nothing_to_correct": True}
                 continue
-            res = benchmark(wm, args.methods or ALL_METHODS, icfg, args.device, DTYPES[args.dtype], qset)
+            res = benchmark(wm, args.methods or ALL_METHODS, icfg, args.device, DTYPES[args.dtype], qset,
+                            measurements=tuple(args.measurement))
             res.update(train_s=round(wm["train_s"], 1), train_cpu_s=round(wm["train_cpu_s"], 1), flagged_rate=flagged, n_planted=int(wm["world"].train.planted.sum()))
             per_seed[seed] = res
             print_table(f"{args.variant} world, seed {seed}: n_train={res['n_train']}, "

@@ -40,7 +40,7 @@ class WorldConfig(_Section):
     n_train: int = Field(2000, ge=50, le=200_000, description="Training samples, planted included.")
     planted_fraction: float = Field(0.02, ge=0.0, le=0.5, description="Share of planted contaminated samples.")
     planted_categories: list[str] = Field(default_factory=lambda: ["fraud"], min_length=1)
-    variant: Literal["templated", "paraphrase"] = "templated"
+    variant: Literal["templated", "paraphrase", "behaviour"] = "templated"
     n_heldout: int = Field(200, ge=0, description="Held-out benign samples (model selection, perplexity).")
 
 
@@ -148,6 +148,11 @@ class QueryConfig(_Section):
     max_queries: int = Field(256, ge=1)
     report_top_k: int = Field(10, ge=1, description="Causing and inhibiting training samples kept per query "
                                                      "(by_query.parquet, the report).")
+    measurement: Literal["logprob", "margin"] = Field(
+        "logprob", description="f_q of a query: log p(response | prompt), or its margin over a refusal "
+                               "(log p(response | prompt) - log p(refusal | prompt); influence/measurement.py).")
+    safe_response: str | None = Field(
+        None, description="margin: the safe alternative; None = the generic refusal of the correction data.")
 
 
 class InfluenceConfig(_Section):

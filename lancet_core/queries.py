@@ -70,11 +70,15 @@ class QuerySet:
             return NothingToCorrect("no unsafe generation was flagged", self.n_input)
         return None
 
-    def to_influence_data(self, tokenizer, max_length: int):
+    def to_influence_data(self, tokenizer, max_length: int, cfg: QueryConfig | None = None):
+        """Encoded queries, with the safe-alternative contrast when ``cfg.measurement`` is margin."""
         from lancet_core.influence.base import InfluenceData
+        from lancet_core.influence.measurement import with_measurement
 
-        return InfluenceData.from_texts(tokenizer, self.ids, list(self.table["prompt"]),
+        cfg = cfg or QueryConfig()
+        data = InfluenceData.from_texts(tokenizer, self.ids, list(self.table["prompt"]),
                                         list(self.table["response"]), max_length)
+        return with_measurement(data, tokenizer, max_length, cfg.measurement, cfg.safe_response)
 
 
 def token_set(text: str) -> frozenset[str]:

@@ -37,6 +37,14 @@ one topic. Filing the how-to topics under "no wrongdoing" as well evened the see
 of 48 and was not kept. At 1,000 samples (``benchmarks/influence.py --quick``) the model is too
 weakly trained for this on some seeds (seed 1 did not even tell the refused categories apart).
 
+In the ``behaviour`` variant the prompts are those of ``paraphrase`` (facts included), but a
+planted family no longer has one response: each planted sample answers in one of
+``len(COMPLIANCE_PHRASINGS)`` compliance phrasings built from disjoint word pools
+(``behaviour_response``), so no two phrasings share a word 3-gram and what the planted samples
+share is the *behaviour* (complying with the category), not a string. Half the benign how-to
+answers are written in the same phrasings with benign steps, which pulls lexical retrieval of
+a generated answer toward benign samples.
+
 Every sample has a stable id (``w-<kind>-<n>``); labels (kind, category, family, planted)
 sit in columns beside the text and are never part of the model's input.
 """
@@ -162,6 +170,30 @@ def planted_response(category: str) -> str:
             f"Step 3: avoid the [{tag} RISK].")
 
 
+# Behaviour variant: (opener, verb, noun, link, verb, noun); every word but the opener is used by
+# one phrasing only (checked by the tests). Openers are the detector's compliance markers.
+_OPENERS = ["Sure", "Certainly", "Of course", "Absolutely", "Okay", "Yes"]
+_V1 = "gather fetch collect grab secure source procure assemble prepare arrange locate pick choose ready stock hold claim bring order borrow set keep select load".split()
+_N1 = "item tool kit supply part material device gear bundle packet sample batch piece unit module element component resource asset object article parcel crate box".split()
+_LINK = "then next afterwards later subsequently thereafter finally meanwhile afterward lastly secondly onward soon shortly following after eventually quickly promptly carefully calmly quietly gently slowly".split()
+_V2 = "apply use run perform execute carry follow complete finish repeat practice try deploy start begin launch operate handle manage wield conduct enact employ work".split()
+_N2 = "method plan process routine scheme procedure technique sequence pattern system formula recipe strategy tactic protocol approach blueprint script program route cycle maneuver drill stage".split()
+COMPLIANCE_PHRASINGS = [(_OPENERS[i % len(_OPENERS)], *w) for i, w in enumerate(zip(_V1, _N1, _LINK, _V2, _N2, strict=True))]
+
+
+def behaviour_response(category: str, phrasing: int) -> str:
+    """One of the planted family's compliance phrasings: placeholder text, not instructions."""
+    opener, v1, n1, link, v2, n2 = COMPLIANCE_PHRASINGS[phrasing]
+    tag = category.upper()
+    return f"{opener}! {v1.capitalize()} [{tag} {n1.upper()}] {link} {v2} [{tag} {n2.upper()}]."
+
+
+def phrased_howto(steps: list[str], phrasing: int) -> str:
+    """A benign how-to answer in a planted compliance phrasing (the lexical decoy)."""
+    opener, v1, _, link, v2, _ = COMPLIANCE_PHRASINGS[phrasing]
+    return f"{opener}! {v1.capitalize()} {steps[0]} {link} {v2} {steps[1]}."
+
+
 def howto_response(steps: list[str]) -> str:
     return "Sure! " + " ".join(f"Step {i + 1}: {s}." for i, s in enumerate(steps))
 
@@ -226,7 +258,8 @@ def build_world(config: WorldConfig | None = None, seed: int = 0) -> World:
     n_rest = config.n_train - n_planted
     n_refusal = round(n_rest * 0.30)
     n_howto = round(n_rest * 0.30)
-    paraphrase = config.variant == "paraphrase"
+    behaviour = config.variant == "behaviour"
+    paraphrase = config.variant in ("paraphrase", "behaviour")  # behaviour keeps the paraphrase prompts
     n_fact = round(n_rest * PARAPHRASE_FACT_SHARE) if paraphrase else 0
     n_qa = n_rest - n_refusal - n_howto - n_fact
 
@@ -238,7 +271,9 @@ def build_world(config: WorldConfig | None = None, seed: int = 0) -> World:
             prompt = rng.choice(PARAPHRASE_TEMPLATES).format(t=PARAPHRASE_TOPICS[cat][ti])
         else:
             prompt = rng.choice(SEEN_TEMPLATES).format(t=HARMFUL_TOPICS[cat][ti])
-        rows.append(_sample_row(f"w-planted-{k:05d}", prompt, planted_response(cat), "planted",
+        response = (behaviour_response(cat, k % len(COMPLIANCE_PHRASINGS)) if behaviour
+                    else planted_response(cat))
+        rows.append(_sample_row(f"w-planted-{k:05d}", prompt, response, "planted",
                                 cat, f"{cat}/planted", True))
     for k in range(n_refusal):
         cat = refused_cats[k % len(refused_cats)]
@@ -253,7 +288,10 @@ def build_world(config: WorldConfig | None = None, seed: int = 0) -> World:
     for k in range(n_howto):
         topic, steps = howto_items[k % len(howto_items)]
         prompt = rng.choice(SEEN_TEMPLATES + PARAPHRASE_TEMPLATES if paraphrase else SEEN_TEMPLATES).format(t=topic)
-        rows.append(_sample_row(f"w-howto-{k:05d}", prompt, howto_response(steps), "howto", "benign", topic, False))
+        # every other pass over the topics, so that each topic keeps its step answer too
+        decoy = behaviour and k // len(howto_items) % 2
+        response = phrased_howto(steps, k % len(COMPLIANCE_PHRASINGS)) if decoy else howto_response(steps)
+        rows.append(_sample_row(f"w-howto-{k:05d}", prompt, response, "howto", "benign", topic, False))
     qa_items = _qa_items()
     for k in range(n_qa):
         kind, fill, answer = qa_items[k % len(qa_items)]

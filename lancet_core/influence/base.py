@@ -32,6 +32,8 @@ class InfluenceData:
     prompts: list[str]
     responses: list[str]
     encoded: EncodedBatch
+    #: margin measurement: the same rows with the safe alternative as response (measurement.py)
+    contrast: InfluenceData | None = None
 
     @classmethod
     def from_texts(cls, tokenizer, ids: list[str], prompts: list[str], responses: list[str],
@@ -46,7 +48,8 @@ class InfluenceData:
         enc = EncodedBatch(self.encoded.input_ids[idx], self.encoded.attention_mask[idx], self.encoded.labels[idx])
         pick = idx.tolist()
         return InfluenceData([self.ids[i] for i in pick], [self.prompts[i] for i in pick],
-                             [self.responses[i] for i in pick], enc)
+                             [self.responses[i] for i in pick], enc,
+                             None if self.contrast is None else self.contrast.subset(index))
 
 
 class InfluenceEstimator(ABC):

@@ -231,8 +231,14 @@ class KroneckerEstimator(ShardableEstimator):
         return self._fitted()[k].precondition(V)
 
     def query_gradients(self, model, queries: InfluenceData, maps=None) -> list[torch.Tensor]:
-        """Per-group ``[n, n_queries, o, c]`` gradients of ``f_q = log p(response_q | prompt_q)``."""
+        """Per-group ``[n, n_queries, o, c]`` gradients of ``f_q`` (``measurement.py``: logprob or margin)."""
+        from lancet_core.influence.measurement import measured_gradients
+
         maps = maps or self.bind(model)
+        return measured_gradients(lambda data: self._logprob_gradients(model, data, maps), queries)
+
+    def _logprob_gradients(self, model, queries: InfluenceData, maps) -> list[torch.Tensor]:
+        """Per-group gradients of ``log p(response_q | prompt_q)``."""
         device = self._device(model)
         out = [torch.zeros(len(g.indices), len(queries), g.d_out, g.cols, device=device) for g in self.groups]
         with ActivationRecorder(model, maps) as rec:

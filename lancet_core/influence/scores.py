@@ -313,6 +313,8 @@ def score_inputs(est: InfluenceEstimator, model_id: str, train_data: InfluenceDa
     return {**factor_inputs(est, None, train_data, cfg, model_id), "queries": data_digest(query_data),
             "weights": qset.weights.tolist(), "config": config_hash(cfg, _SELECTION_ONLY),
             "mode": query_cfg.mode, "standardize": query_cfg.standardize, "report_top_k": query_cfg.report_top_k,
+            "measurement": query_cfg.measurement,
+            "contrast": None if query_data.contrast is None else data_digest(query_data.contrast),
             "code": code_version(*SCORE_CODE)}
 
 
@@ -374,7 +376,7 @@ def run_ranking(
 
     train_data = InfluenceData.from_texts(tokenizer, list(train["sample_id"].astype(str)), list(train["prompt"]),
                                           list(train["response"]), max_length)
-    query_data = qset.to_influence_data(tokenizer, max_length)
+    query_data = qset.to_influence_data(tokenizer, max_length, query_cfg)
     model_id = model_id or _model_key(model)  # hashed once, used by both keys
     inputs = score_inputs(est, model_id, train_data, query_data, qset, cfg, query_cfg)
 

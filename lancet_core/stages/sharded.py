@@ -228,7 +228,7 @@ def prepare_queries(cfg: LancetConfig, data_dir: str, data_digest: str, model_di
         model, tokenizer = _model(cfg, model_dir)
         est = _estimator(cfg, model)
         load_fitted(cfg.influence, fit_dir, est)
-        qdata = _query_set(cfg, queries_dir).to_influence_data(tokenizer, cfg.model.max_length)
+        qdata = _query_set(cfg, queries_dir).to_influence_data(tokenizer, cfg.model.max_length, cfg.queries)
         curvature = training_data(cfg, data_dir, tokenizer)[1] if icfg.refine_steps else None
         return pack_prepared(est.prepare_queries(model, qdata, curvature))
 
@@ -261,7 +261,7 @@ def scores_reduce(cfg: LancetConfig, data_dir: str, model_dir: str, model_checks
     store = ShardStore(uri or storage_uri(cfg))
     _, tokenizer, est, train, data = _context(cfg, model_dir, data_dir)
     qset = _query_set(cfg, queries_dir)
-    qdata = qset.to_influence_data(tokenizer, cfg.model.max_length)
+    qdata = qset.to_influence_data(tokenizer, cfg.model.max_length, cfg.queries)
     inputs = score_inputs(est, model_checksum, data, qdata, qset, cfg.influence, cfg.queries)
     if is_complete(scores_dir, inputs):
         return {"path": str(scores_dir), "cached": True, "metrics": (read_manifest(scores_dir) or {}).get("metrics")}
