@@ -5,7 +5,6 @@ Each function takes plain tables/arrays and returns a Figure; the caller logs an
 
 from __future__ import annotations
 
-import io
 from typing import Any
 from collections.abc import Sequence
 
@@ -88,13 +87,6 @@ def harm_vs_utility(points: dict[str, dict[str, Any]], harm_key: str = "unsafe_r
     ax.set_title("Harm vs utility")
     fig.tight_layout()
     return fig
-
-
-def to_png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def _num(v: Any) -> float | None:

@@ -29,7 +29,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from lancet_core.config import LancetConfig
-from lancet_core.influence.views import bottom_table, top_table
+from lancet_core.influence.by_query import BY_QUERY_FILE
+from lancet_core.influence.views import bottom_table, by_query_table, top_table
 from lancet_core.storage import output_key
 from tasks import logs, tracking
 
@@ -224,6 +225,11 @@ def rank_training_data(cfg: LancetConfig, data_dir: str, data_digest: str, model
             train = pd.read_parquet(Path(data_dir) / "train.parquet")
             run.table(top_table(scores, train, TOP_N_TABLE), "tables/influence_top.json")
             run.table(bottom_table(scores, train, TOP_N_TABLE), "tables/influence_bottom.json")
+            by_query_path = Path(res.path) / BY_QUERY_FILE
+            if by_query_path.exists():  # per unsafe output: the samples that cause / inhibit it, with text
+                queries = pd.read_parquet(Path(queries_dir) / "queries.parquet")
+                run.table(by_query_table(pd.read_parquet(by_query_path), queries, train),
+                          "tables/influence_by_query.json")
             run.artifact(scores_path, "ranking")
             run.figure(plots.influence_histogram(scores), "plots/influence_histogram.png")
             top = scores.sort_values("score", ascending=False, kind="stable").drop_duplicates("sample_id").head(40)

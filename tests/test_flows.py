@@ -221,6 +221,10 @@ def test_mlflow_tables_datasets_and_artifacts_load_back(runs, tmp_path):
     bottom = load_table("rank", "tables/influence_bottom.json")
     assert 0 < len(top) <= 200 and 0 < len(bottom) <= 200
     assert top["score"].iloc[0] >= top["score"].iloc[-1] >= bottom["score"].iloc[0]
+    assert list(top.columns[:5]) == ["rank", "sample_id", "prompt", "response", "score"]  # reading order
+    per_query = load_table("rank", "tables/influence_by_query.json")
+    assert list(per_query.columns[:4]) == ["query_id", "unsafe_prompt", "unsafe_response", "direction"]
+    assert set(per_query["query_id"].astype(str)) == set(queries["query_id"].astype(str))
 
     rank_id = kids["rank"].info.run_id
     ranking = pd.read_parquet(client.download_artifacts(rank_id, "ranking/scores.parquet", str(tmp_path)))
