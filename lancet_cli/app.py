@@ -227,8 +227,11 @@ def _flow_ranking(cfg: LancetConfig) -> Path | None:
     scores, model = read_manifest(scores_dir), read_manifest(model_dir)
     if not scores or not model or not (scores_dir / "scores.parquet").is_file():
         return None
+    from lancet_core.stages.common import loaded_model_id
+
     checksum = (model.get("outputs") or {}).get("checksum")
-    return scores_dir / "scores.parquet" if checksum and (scores.get("inputs") or {}).get("model") == checksum else None
+    ranked_model = (scores.get("inputs") or {}).get("model")
+    return scores_dir / "scores.parquet" if checksum and ranked_model == loaded_model_id(cfg, checksum) else None
 
 
 @app.command()

@@ -134,3 +134,12 @@ def test_the_run_lock_is_reentrant_in_one_process_and_released_by_the_outer_hold
             assert inner == outer
         assert (tmp_path / LOCK_NAME).exists()  # the inner exit does not release the outer's lock
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_the_dtype_and_device_a_model_is_loaded_in_are_part_of_the_factor_and_score_keys():
+    from lancet_core.stages.common import loaded_model_id
+
+    base = LancetConfig()
+    bf16 = base.model_copy(update={"model": base.model.model_copy(update={"dtype": "bfloat16"})})
+    assert loaded_model_id(base, "abc") != loaded_model_id(bf16, "abc")
+    assert loaded_model_id(base, "abc").startswith("abc@")

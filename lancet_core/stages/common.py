@@ -42,6 +42,12 @@ def stage_inputs(stage: str, cfg: Any, reads: tuple[str, ...], code: tuple[str, 
             **content}
 
 
+def loaded_model_id(cfg: Any, checksum: str) -> str:
+    """The identity of a model as a stage computes with it: its weights' checksum, and the dtype and
+    device it is loaded in (bf16 or GPU arithmetic gives other factors and scores than fp32 on CPU)."""
+    return f"{checksum}@{cfg.model.dtype}@{cfg.model.device}"
+
+
 def run_stage(stage_dir: Path, inputs: dict[str, Any], compute: Callable[[Path], dict],
               force: bool = False) -> StageResult:
     """Load the stage if it finished for these inputs, otherwise run ``compute(tmp_dir)``.

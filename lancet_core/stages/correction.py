@@ -16,7 +16,7 @@ from lancet_core.stages.common import StageResult, run_stage, stage_inputs
 from lancet_core.storage import inputs_key, output_key
 
 READS = ("correction", "influence.top_k_positive", "influence.top_k_negative", "training", "generation",
-         "model.max_length")
+         "model.max_length", "model.dtype", "model.device")
 CODE = ("lancet_core.correction", "lancet_core.evaluation", "lancet_core.models", "lancet_core.stages.correction")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from lancet_core.config import LancetConfig
-from lancet_core.stages.common import StageResult, run_stage, stage_inputs
+from lancet_core.stages.common import StageResult, loaded_model_id, run_stage, stage_inputs
 
 QUERIES_FILE = "queries.parquet"
 # The factors and scores stages are keyed inside lancet_core.influence.scores (factor_inputs,
@@ -58,7 +58,7 @@ def fit_stage(cfg: LancetConfig, data_dir: str | Path, data_digest: str, model_d
     fit_dir = cfg.run_dir() / "factors"
     model, tokenizer = load_trained(model_dir, cfg)
     _, data = training_data(cfg, data_dir, tokenizer)
-    fitted = fit_factors(model, data, cfg.influence, fit_dir, model_id=model_checksum, force=force)
+    fitted = fit_factors(model, data, cfg.influence, fit_dir, model_id=loaded_model_id(cfg, model_checksum), force=force)
     return StageResult(str(fit_dir), {"method": cfg.influence.method, "fit_s": fitted.seconds,
                                       "factor_bytes": fitted.factor_bytes, "n_fit": fitted.n_fit},
                        cached=fitted.reused, seconds=fitted.seconds)
@@ -77,7 +77,7 @@ def rank_stage(cfg: LancetConfig, data_dir: str | Path, data_digest: str, model_
     model, tokenizer = load_trained(model_dir, cfg)
     train = pd.read_parquet(Path(data_dir) / "train.parquet")
     result = run_ranking(model, tokenizer, train, queries, cfg.influence, out_dir, query_cfg=cfg.queries,
-                         max_length=cfg.model.max_length, factors_dir=fit_dir, model_id=model_checksum,
+                         max_length=cfg.model.max_length, factors_dir=fit_dir, model_id=loaded_model_id(cfg, model_checksum),
                          progress=True, force=force)
     assert isinstance(result, RankingResult)  # a non-empty saved query table always ranks
     positive, negative = result.sets(cfg.influence)

@@ -13,7 +13,7 @@ from pathlib import Path
 from lancet_core.config import LancetConfig
 from lancet_core.stages.common import StageResult, run_stage, stage_inputs
 
-READS = ("generation", "detector", "evaluation", "model.max_length", "seed")
+READS = ("generation", "detector", "evaluation", "model.max_length", "model.dtype", "model.device", "seed")
 CODE = ("lancet_core.models", "lancet_core.detection", "lancet_core.evaluation", "lancet_core.stages.probe")
 
 log = logging.getLogger(__name__)

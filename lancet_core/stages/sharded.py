@@ -22,6 +22,7 @@ import torch
 
 from lancet_core.config import LancetConfig
 from lancet_core.faults import fault_point
+from lancet_core.stages.common import loaded_model_id
 from lancet_core.stages.influence import training_data
 from lancet_core.influence.sharding import ShardStore, content_key, pack_prepared, plan_shards, sum_statistics, \
     unpack_prepared
@@ -90,7 +91,7 @@ def _base_key(cfg: LancetConfig, model_checksum: str, data_digest: str, n_shards
     from lancet_core.influence.scores import _SCORING_ONLY, _SELECTION_ONLY, SCORE_CODE, config_hash
     from lancet_core.versioning import code_version
 
-    return content_key({"method": cfg.influence.method, "model": model_checksum, "data": data_digest,
+    return content_key({"method": cfg.influence.method, "model": loaded_model_id(cfg, model_checksum), "data": data_digest,
                         "config": config_hash(cfg.influence, _SELECTION_ONLY | _SCORING_ONLY), "shards": n_shards,
                         "max_length": cfg.model.max_length, "code": code_version(*SCORE_CODE)})
 
@@ -182,7 +183,7 @@ def factors_reduce(cfg: LancetConfig, data_dir: str, model_dir: str, model_check
 
     store = ShardStore(uri or storage_uri(cfg))
     _, _, est, _, data = _context(cfg, model_dir, data_dir)
-    inputs = factor_inputs(est, None, data, cfg.influence, model_checksum)
+    inputs = factor_inputs(est, None, data, cfg.influence, loaded_model_id(cfg, model_checksum))
     if is_complete(fit_dir, inputs):
         return {"path": str(fit_dir), "cached": True, "n_fit": len(est.fit_rows(len(data)))}
     names = [r["name"] for r in shard_results]
@@ -218,7 +219,7 @@ def prepare_queries(cfg: LancetConfig, data_dir: str, data_digest: str, model_di
     icfg = cfg.influence
     refine = ({"steps": icfg.refine_steps, "samples": icfg.refine_samples, "data": data_digest}
               if icfg.refine_steps else None)
-    key = content_key({"step": "queries", "model": model_checksum,
+    key = content_key({"step": "queries", "model": loaded_model_id(cfg, model_checksum),
                        "factors": (read_manifest(fit_dir) or {}).get("files"),
                        "queries": file_sha256(Path(queries_dir) / QUERIES_FILE),
                        "query_rank": icfg.query_rank, "max_length": cfg.model.max_length, "refine": refine,
@@ -262,7 +263,7 @@ def scores_reduce(cfg: LancetConfig, data_dir: str, model_dir: str, model_checks
     _, tokenizer, est, train, data = _context(cfg, model_dir, data_dir)
     qset = _query_set(cfg, queries_dir)
     qdata = qset.to_influence_data(tokenizer, cfg.model.max_length, cfg.queries)
-    inputs = score_inputs(est, model_checksum, data, qdata, qset, cfg.influence, cfg.queries)
+    inputs = score_inputs(est, loaded_model_id(cfg, model_checksum), data, qdata, qset, cfg.influence, cfg.queries)
     if is_complete(scores_dir, inputs):
         return {"path": str(scores_dir), "cached": True, "metrics": (read_manifest(scores_dir) or {}).get("metrics")}
     names = [r["name"] for r in shard_results]
