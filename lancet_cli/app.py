@@ -140,14 +140,12 @@ def print_summary(summary: dict[str, Any], cfg: LancetConfig) -> None:
         console.print("stages: " + ", ".join(
             f"{escape(k)} {v:.1f}s{' (cached)' if cached.get(k) else ''}" for k, v in timings.items())
             + f"; wall {summary.get('wall_s', 0):.1f}s")
-    verdict = "[bold green]promoted to champion[/]" if summary.get("promoted") else "[bold yellow]not promoted[/]"
-    if summary.get("nothing_to_correct"):
-        verdict = "[bold green]nothing to correct[/]"
-    reason = str(summary.get("reason", ""))
-    if reason.startswith("nothing to correct"):  # the flow's reason already says it: no doubled prefix
-        console.print(f"[bold green]{escape(reason)}[/]")
+    reason = escape(str(summary.get("reason", "")))
+    if summary.get("nothing_to_correct"):  # its reason begins "nothing to correct: ...": no verdict before it
+        console.print(f"[bold green]{reason}[/]")
     else:
-        console.print(f"{verdict}: {escape(reason)}")
+        verdict = "[bold green]promoted to champion[/]" if summary.get("promoted") else "[bold yellow]not promoted[/]"
+        console.print(f"{verdict}: {reason}")
     reg = summary.get("registered_model")
     if reg:
         console.print(f"registered: models:/{escape(reg['name'])}/{reg['version']} (alias {reg['alias']})")
@@ -167,13 +165,6 @@ def run(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> Non
 
     for note in preflight(cfg):  # data, output folder, model, tracking: seconds, before any server
         err_console.print(f"[yellow]note:[/] {escape(note)}")
-    if cfg.tracking.enabled:  # seconds, not MLflow's minutes of retries, and before any work
-        from tasks.tracking import TrackingUnavailableError, check_tracking_uri
-
-        try:
-            check_tracking_uri(cfg.tracking.tracking_uri)
-        except (TrackingUnavailableError, ConfigError) as err:
-            fail(str(err), code=2)
     server = use_local_prefect_server()
     if not server and cfg.orchestration.task_runner != "thread":
         fail(f"orchestration.task_runner={cfg.orchestration.task_runner} runs tasks in worker processes, which "
@@ -213,12 +204,6 @@ def _run_flow(cfg: LancetConfig) -> dict[str, Any]:
     raise AssertionError("unreachable")  # fail() raised
 
 
-def _compare_module():
-    from lancet_core.correction import compare
-
-    return compare
-
-
 def _flow_ranking(cfg: LancetConfig) -> Path | None:
     """The ranking `lancet run` made for this config, if it belongs to the current model."""
     from lancet_core.storage import read_manifest
@@ -251,9 +236,7 @@ def compare(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt,
 
         pre = [f"correction.{k}={v}" for k, v in RECOMMENDED_CORRECTION.items()]
     cfg = load(config, pre + list(set_ or []))
-    module = _compare_module()
-    if module is None or not hasattr(module, "compare"):
-        fail("lancet_core.correction.compare is not available in this installation")
+    from lancet_core.correction import compare as module
     try:
         seed_list = [int(x) for x in seeds.replace(" ", ",").split(",") if x.strip()] if seeds else []
     except ValueError:

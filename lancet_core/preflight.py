@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 from lancet_core.config import LancetConfig
 from lancet_core.errors import LancetUserError
+from lancet_core.storage import is_writable
 
 #: Free space the output folder needs at start: a demo run writes ~50 MB, a 7B run far more;
 #: below this even the small run's checkpoints would hit ENOSPC midway.
@@ -49,21 +46,12 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
-def _writable(folder: Path) -> bool:
-    # os.access ignores read-only mounts and ACLs in some setups: write a real file instead.
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lancet-preflight-"):
-            return True
-    except OSError:
-        return False
-
-
 def check_output_dir(output_dir: str, min_free_bytes: int = MIN_FREE_BYTES) -> None:
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise PreflightError(f"output_dir {path} is a file; expected a folder (or a path to create)")
     folder = _existing_parent(path.resolve())
-    if not _writable(folder):
+    if not is_writable(folder):
         raise PreflightError(f"output_dir {path}: folder {folder} is not writable; expected a writable folder")
     free = shutil.disk_usage(folder).free
     if free < min_free_bytes:
@@ -102,34 +90,7 @@ def check_model(cfg: LancetConfig) -> list[str]:
 
 
 def check_tracking(uri: str) -> None:
-    from lancet_core.config import ConfigError, expand_env, redact
+    """The tracking backend answers (the same probe the flows' parent run makes), within a short deadline."""
+    from lancet_core.tracking_probe import check_tracking_uri
 
-    try:
-        resolved = expand_env(uri, "tracking.tracking_uri")
-    except ConfigError as err:
-        raise PreflightError(str(err)) from None
-    parsed = urllib.parse.urlparse(resolved)
-    shown = redact(uri)
-    if parsed.scheme in ("http", "https"):
-        url = resolved.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=HTTP_DEADLINE_S) as resp:  # noqa: S310 (the user's URI)
-                ok = resp.status == 200
-        except (urllib.error.URLError, OSError, ValueError) as err:
-            reason = getattr(err, "reason", err)
-            raise PreflightError(f"tracking.tracking_uri {shown}: GET /health failed ({reason}); expected a running "
-                                 "MLflow server there (start one with `lancet ui`, or set tracking.enabled=false)"
-                                 ) from None
-        if not ok:
-            raise PreflightError(f"tracking.tracking_uri {shown}: GET /health answered {resp.status}; expected 200")
-    elif parsed.scheme == "sqlite":
-        db = resolved[len("sqlite:///"):] if resolved.startswith("sqlite:///") else ""
-        if not db or db == ":memory:":
-            return
-        folder = Path(db).resolve().parent
-        if not folder.is_dir():
-            raise PreflightError(f"tracking.tracking_uri {shown}: folder {folder} does not exist; expected an "
-                                 "existing folder for the sqlite file")
-        if not _writable(folder):
-            raise PreflightError(f"tracking.tracking_uri {shown}: folder {folder} is not writable; sqlite needs "
-                                 "to write the database and its journal there")
+    check_tracking_uri(uri, timeout=HTTP_DEADLINE_S)

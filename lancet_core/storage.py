@@ -20,6 +20,7 @@ import logging
 import os
 import platform
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -128,6 +129,15 @@ def output_key(stage_dir: str | Path) -> str:
     """
     manifest = read_manifest(stage_dir) or {}
     return inputs_key({"inputs_key": manifest.get("inputs_key"), "files": manifest.get("files", {})})
+
+
+def is_writable(folder: str | Path) -> bool:
+    """Whether a file can really be created in ``folder`` (os.access ignores read-only mounts, ACLs, root)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lancet-probe-"):
+            return True
+    except OSError:
+        return False
 
 
 def pid_alive(pid: int) -> bool:

@@ -13,18 +13,14 @@ from __future__ import annotations
 import logging
 import os
 
+from lancet_core.errors import LancetUserError
+
 _PREFECT_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine")
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """The exception types that mean "the input or the environment is wrong", not "LANCET is wrong"."""
-    from lancet_core.errors import LancetUserError
-
-    return (LancetUserError,)
-
-
 def is_user_error(exc: BaseException | None) -> bool:
-    return exc is not None and isinstance(exc, user_error_types())
+    """The input or the environment is wrong (a :class:`LancetUserError`), not LANCET."""
+    return isinstance(exc, LancetUserError)
 
 
 class UserErrorsWithoutTraceback(logging.Filter):

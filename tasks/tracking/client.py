@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
 import re
-import socket
 import threading
-import urllib.error
-import urllib.request
 from contextlib import contextmanager
 from typing import Any, TypeVar
 from collections.abc import Callable, Iterator
 
-from lancet_core.config import LancetConfig, expand_env, redact
-from lancet_core.errors import LancetUserError
+from lancet_core.config import LancetConfig, expand_env
+from lancet_core.tracking_probe import TrackingUnavailableError, check_tracking_uri, sqlite_path
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,20 +29,15 @@ T = TypeVar("T")
 _LOCK = threading.RLock()
 _CLIENTS: dict[str, Any] = {}
 
-
-class TrackingUnavailableError(LancetUserError, RuntimeError):
-    """The MLflow tracking backend cannot be reached; raised before any stage runs."""
-
-
-def _sqlite_path(uri: str) -> str | None:
-    return uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+__all__ = ["TrackingUnavailableError", "call", "check_tracking_uri", "ensure_experiment", "experiment_name",
+           "get_client", "run_url"]  # the probe lives in lancet_core.tracking_probe (the CLI's preflight uses it)
 
 
 @contextmanager
 def _process_lock(uri: str) -> Iterator[None]:
     """Threads of this process, and for sqlite other processes too, one at a time."""
     with _LOCK:
-        db = _sqlite_path(uri)
+        db = sqlite_path(uri)
         if db is None:
             yield
             return
@@ -86,73 +77,6 @@ def get_client(tracking_uri: str):
         mlflow.set_registry_uri(resolved)
         _ACTIVE["uri"] = resolved
         return _CLIENTS[tracking_uri]
-
-
-#: Default ports of the URI schemes MLflow backends use (a TCP connect is the reachability test).
-_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "postgres": 5432, "mysql": 3306, "mssql": 1433}
-_NETLOC = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://(?:[^@/]*@)?"  # scheme://[user:pw@]
-                     r"(?P<host>\[[^\]]+\]|[^:/?#]+)(?::(?P<port>\d+))?")  # host or [v6][:port]
-
-
-def check_tracking_uri(tracking_uri: str, timeout: float | None = None) -> None:
-    """Fail in seconds, naming the URI, when the tracking backend is unreachable or unhealthy.
-
-    A sqlite store needs its folder to exist; a database server one TCP connect; an HTTP(S)
-    tracking server must answer ``GET /health`` with 200 within the deadline
-    (``LANCET_TRACKING_TIMEOUT_S``, default 5 s), so a black-holed port or a server answering
-    503 fails here, before any stage runs, instead of hanging in MLflow's client.
-    """
-    timeout = float(timeout or os.environ.get("LANCET_TRACKING_TIMEOUT_S", 5.0))
-    uri = expand_env(tracking_uri, "tracking.tracking_uri")
-    shown = redact(tracking_uri)
-    hint = "fix tracking.tracking_uri (e.g. sqlite:///mlruns.db) or set tracking.enabled=false to run without MLflow"
-    db = _sqlite_path(uri)
-    if db is not None:  # sqlite:///rel/path.db or sqlite:////abs/path.db
-        parent = os.path.dirname(db) or "."
-        if not os.path.isdir(parent):
-            raise TrackingUnavailableError(
-                f"MLflow tracking store {shown}: folder {parent} does not exist; expected an existing folder "
-                f"for the database file; {hint}")
-        if not os.access(parent, os.W_OK):
-            raise TrackingUnavailableError(
-                f"MLflow tracking store {shown}: folder {parent} is not writable; expected a writable folder "
-                f"for the database file; {hint}")
-        return
-    m = _NETLOC.match(uri)
-    scheme = m["scheme"].split("+")[0].lower() if m else ""
-    if not m or scheme not in _PORTS:
-        return  # databricks, custom plugins: nothing generic to probe
-    host, port = m["host"].strip("[]"), int(m["port"] or _PORTS[scheme])
-    if scheme in ("http", "https"):
-        _check_http(uri, shown, timeout, hint)
-        return
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as err:
-        reason = "timed out" if isinstance(err, socket.timeout) else (err.strerror or str(err))
-        raise TrackingUnavailableError(
-            f"MLflow tracking server {shown} is unreachable ({host}:{port}: {reason}; probe timeout {timeout:g}s); "
-            f"expected a running tracking server there: start it (e.g. `lancet ui`), {hint}") from None
-
-
-def _check_http(uri: str, shown: str, timeout: float, hint: str) -> None:
-    # Credentials in the URI are for MLflow's client, not for this probe: strip them.
-    url = re.sub(r"//[^/@]*@", "//", uri.rstrip("/")) + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (the user's own tracking URI)
-            status = resp.status
-    except urllib.error.HTTPError as err:
-        status = err.code
-    except (OSError, ValueError) as err:
-        reason = "timed out" if isinstance(err, (socket.timeout, TimeoutError)) or "timed out" in str(err) \
-            else str(getattr(err, "reason", err))
-        raise TrackingUnavailableError(
-            f"MLflow tracking server {shown} is unreachable (GET /health: {reason}; deadline {timeout:g}s); "
-            f"expected a running tracking server there: start it (e.g. `lancet ui`), {hint}") from None
-    if status != 200:
-        raise TrackingUnavailableError(
-            f"MLflow tracking server {shown} is unhealthy: GET /health answered HTTP {status} (expected 200); {hint}")
 
 
 def experiment_name(cfg: LancetConfig) -> str:
