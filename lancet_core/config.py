@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from lancet_core.errors import LancetUserError
+from lancet_core.models.presets import PRESET_NAMES, PRESETS
 
 
 class ConfigError(LancetUserError, ValueError):
@@ -62,14 +63,22 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     name_or_path: str | None = Field(
-        None, description="Hub name or local folder. None builds the embedded tiny Llama."
+        None, description="Hub name or local folder. None builds a model from the fields below (default: the "
+                          "embedded tiny Llama)."
     )
     trust_remote_code: bool = False
+    preset: Literal[PRESET_NAMES] | None = Field(  # type: ignore[valid-type]  # a tuple of literals
+        None, description="Build a model of a real family's shape (random init, fine-tuned here): "
+                          f"{', '.join(PRESET_NAMES)}. Shape fields set explicitly win (e.g. num_layers=2).")
+    family: Literal["llama", "qwen2", "mistral", "gpt_neox", "gpt2"] = Field(
+        "llama", description="transformers model_type of a model built from these fields.")
     # Upper bounds: a typo like 1e6 would otherwise allocate until the machine swaps.
     hidden_size: int = Field(128, ge=8, le=65_536)
     num_layers: int = Field(4, ge=1, le=1024)
     num_heads: int = Field(4, ge=1, le=1024)
+    num_kv_heads: int | None = Field(None, ge=1, le=1024, description="Key/value heads (GQA); None = num_heads.")
     intermediate_size: int = Field(256, ge=8, le=262_144)
+    tie_embeddings: bool = Field(False, description="Share the input embedding and the output head.")
     vocab_size: int = Field(1024, ge=300, le=1_000_000, description="BPE vocabulary trained on the corpus.")
     max_length: int = Field(96, ge=16, le=131_072, description="Tokens per prompt+response sequence.")
     lora_rank: int | None = Field(None, ge=1, description="Wrap the model with PEFT LoRA of this rank.")
@@ -101,11 +110,24 @@ class ModelConfig(_Section):
             raise ValueError(f"expected cpu, cuda, cuda:N or mps, got {value!r}")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_preset(cls, data: Any) -> Any:
+        # Before validation, so every field holds the real value (stage keys, dumps and the
+        # checks below see the preset's shape) and an explicitly set field still wins.
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            data = {**PRESETS[data["preset"]].shape_fields(), **data}
+        return data
+
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
+            )
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.num_heads ({self.num_heads}) must be divisible by model.num_kv_heads ({self.num_kv_heads})"
             )
         return self
 

@@ -13,35 +13,51 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PretrainedConfig
 
 from lancet_core.config import ModelConfig
 # Re-exported: callers import ModelLoadError from here.
 from lancet_core.models.folder import ModelLoadError, check_model_folder  # noqa: F401
+from lancet_core.models.presets import PRESETS
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def build_tiny_llama(cfg: ModelConfig, tokenizer) -> LlamaForCausalLM:
-    """A small Llama whose every projection is an ``nn.Linear`` (what the influence hooks expect)."""
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=max(128, cfg.max_length * 2),
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        attention_dropout=0.0,
-    )
-    model = LlamaForCausalLM(config)
+def _family_config(cfg: ModelConfig, tokenizer) -> PretrainedConfig:
+    """The transformers config of a model built from ``cfg``'s shape fields (and its preset's extras)."""
+    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=cfg.tie_embeddings)
+    positions = max(128, cfg.max_length * 2)
+    extra = dict(PRESETS[cfg.preset].extra) if cfg.preset else {}
+    if cfg.family == "gpt2":  # GPT-2 names its dimensions differently
+        if cfg.num_kv_heads not in (None, cfg.num_heads):
+            raise ModelLoadError("model.num_kv_heads: GPT-2 has no grouped-query attention (leave it unset)")
+        return AutoConfig.for_model("gpt2", n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
+                                    n_inner=cfg.intermediate_size, n_positions=positions, **ids, **extra)
+    dims = dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                max_position_embeddings=positions, attention_dropout=0.0)
+    if cfg.family == "gpt_neox":
+        if cfg.num_kv_heads not in (None, cfg.num_heads):
+            raise ModelLoadError("model.num_kv_heads: GPT-NeoX has no grouped-query attention (leave it unset)")
+    else:
+        dims["num_key_value_heads"] = cfg.num_kv_heads or cfg.num_heads
+    return AutoConfig.for_model(cfg.family, **dims, **ids, **extra)
+
+
+def build_model(cfg: ModelConfig, tokenizer):
+    """A randomly initialised causal LM of ``cfg``'s family and shape (the embedded tiny Llama by default)."""
+    model = AutoModelForCausalLM.from_config(_family_config(cfg, tokenizer))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+def build_tiny_llama(cfg: ModelConfig, tokenizer) -> LlamaForCausalLM:
+    """The embedded tiny Llama: every projection an ``nn.Linear`` (what the influence hooks expect)."""
+    if cfg.family != "llama":
+        raise ValueError(f"build_tiny_llama: model.family is {cfg.family!r}; use build_model")
+    return build_model(cfg, tokenizer)
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):

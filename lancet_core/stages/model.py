@@ -15,7 +15,7 @@ import pandas as pd
 
 from lancet_core.config import LancetConfig
 from lancet_core.models.loading import (
-    build_tiny_llama, check_finite_weights, check_tokenizer_matches, folder_checksum, load_model, load_tokenizer,
+    build_model, check_finite_weights, check_tokenizer_matches, folder_checksum, load_model, load_tokenizer,
     save_model,
 )
 from lancet_core.models.sft import seed_everything, train_sft
@@ -57,7 +57,7 @@ def model_stage(cfg: LancetConfig, data_dir: str | Path, data_digest: str, force
                 check_supported(model)
         else:
             tokenizer = train_tokenizer(_corpus(tables), cfg.model.vocab_size)
-            model = build_tiny_llama(cfg.model, tokenizer)
+            model = build_model(cfg.model, tokenizer)
         train, held = tables["train"], tables["heldout"]
         result = train_sft(model, tokenizer, train["prompt"].tolist(), train["response"].tolist(),
                            held["prompt"].tolist(), held["response"].tolist(), cfg.training,
