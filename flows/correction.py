@@ -108,7 +108,12 @@ def lancet_correction(config: LancetConfig = DEFAULT_CONFIG) -> dict[str, Any]:
 @flow(name="lancet-correction", version=FLOW_VERSION, task_runner=ThreadPoolTaskRunner(max_workers=2),
       description=DESCRIPTION)
 def correction_deployment(request: RunRequest = DEFAULT_REQUEST) -> dict[str, Any]:
-    """The deployment's entry point: the run form is a named config and a few overrides."""
+    """The deployment's entry point: the run form is a named config and a few overrides.
+
+    Args:
+        request: What to run: a named config (a file under configs/), optionally changed by the
+            fields below it (empty = the config's value) and by a.b=c overrides.
+    """
     return correction_pipeline(request.resolve())
 
 

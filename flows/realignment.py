@@ -38,7 +38,12 @@ def scheduled_realignment(config: LancetConfig = DEFAULT_CONFIG) -> dict[str, An
       description=DESCRIPTION)
 def realignment_deployment(request: RunRequest = DEFAULT_REQUEST) -> dict[str, Any]:
     """The deployment's entry point: the run form is a named config and a few overrides (the cron is the
-    deployment's schedule, not a parameter)."""
+    deployment's schedule, not a parameter).
+
+    Args:
+        request: What to run: a named config (a file under configs/), optionally changed by the
+            fields below it (empty = the config's value) and by a.b=c overrides.
+    """
     return realignment_pipeline(request.resolve())
 
 

@@ -47,6 +47,7 @@ def test_the_deployment_form_is_small_typed_and_described(entrypoint, monkeypatc
     assert "linfac" in methods and "ekfac" in methods
     assert not any("cron" in name for name in form)  # schedule settings are not run parameters
     assert schema["properties"]["request"]["default"]["config"] == "demo"
+    assert "named config" in schema["properties"]["request"]["description"]
 
 
 def test_list_defaults_of_the_full_config_show_in_its_schema():
