@@ -2,8 +2,15 @@
 
     data -> model -> probe (before)
          -> [subflow lancet-attribution]  queries -> (sharded map-reduce) -> fit -> rank
+         -> top-influential table artifact (on this, the top-level flow run)
          -> [subflow lancet-correction-evaluation]  correct -> evaluate (after)
          -> register (candidate) -> promotion gate (champion?) -> summary
+
+Two entry points, one flow name: ``lancet_correction(config)`` takes a whole
+:class:`LancetConfig` (``lancet run``, Python callers), ``correction_deployment(request)`` the
+run form of the deployment (a :class:`RunRequest`: a named config and a few overrides). Both
+run the same body in their own flow run (not as a subflow), so what they publish is on the run
+people open.
 
 Tasks exchange payload dicts (paths, content keys, MLflow run ids), never models. Each
 stage's MLflow child run hangs under one parent run per flow run. Outputs land in
@@ -21,6 +28,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.sharded import sharded_influence
 from lancet_core.config import LancetConfig
+from lancet_core.run_request import RunRequest
 from tasks import stages
 from tasks.orchestration import (
     FlowRun, final_state, flow_run, publish_top_samples, register_and_gate, run_task, with_runner,
@@ -28,8 +36,10 @@ from tasks.orchestration import (
 from tasks.summary import pick_metrics, stage_metrics
 
 FLOW_VERSION = "2"
-#: The run form's defaults (the Prefect UI renders the config model with these values).
+#: The defaults of the two entry points. The request is not validated here (that reads configs/):
+#: ``resolve()`` validates it when a run starts.
 DEFAULT_CONFIG = LancetConfig()
+DEFAULT_REQUEST = RunRequest.model_construct()
 
 
 @flow(name="lancet-attribution", version=FLOW_VERSION, task_runner=ThreadPoolTaskRunner(max_workers=2))
@@ -52,7 +62,6 @@ def attribution(cfg: LancetConfig, data: dict[str, Any], model: dict[str, Any], 
     out["rank"] = run_task(cfg, parent_run_id, stages.rank_training_data, data_dir=data["path"], data_digest=digest,
                            model_dir=model_dir, model_checksum=checksum, fit_dir=fit["path"],
                            queries_dir=queries["path"])
-    publish_top_samples(cfg, out["rank"], data)
     return out
 
 
@@ -76,20 +85,40 @@ def correct_from(run: FlowRun, data: dict[str, Any], model: dict[str, Any], prob
     att = with_runner(attribution, cfg)(cfg, data, model, probe, run.parent)
     if not run.summary.record_attribution(cfg, att, probe):
         return
+    publish_top_samples(run, att["rank"], data)  # here, not in the subflow: artifacts attach to the calling run
     ce = with_runner(correction_and_evaluation, cfg)(cfg, data, model, att["rank"], before, run.parent)
     run.summary.record_correction(cfg, ce["correct"], ce["evaluate"])
     register_and_gate(run, data, ce["correct"], ce["evaluate"], before, baseline)
 
 
+DESCRIPTION = "Find the training data behind the model's unsafe outputs (influence) and correct the model."
+
+
 @flow(name="lancet-correction", version=FLOW_VERSION, task_runner=ThreadPoolTaskRunner(max_workers=2),
-      description="Find the training data behind the model's unsafe outputs (influence) and correct the model.")
+      description=DESCRIPTION)
 def lancet_correction(config: LancetConfig = DEFAULT_CONFIG) -> dict[str, Any]:
     """Train (or load) the model, find what causes its unsafe outputs, correct it, evaluate, register.
 
     Returns the summary (``tasks.summary.RunSummary`` as a dict), also written to
     ``<output_dir>/<name>/summary.json``.
     """
-    cfg = config
+    return correction_pipeline(config)
+
+
+@flow(name="lancet-correction", version=FLOW_VERSION, task_runner=ThreadPoolTaskRunner(max_workers=2),
+      description=DESCRIPTION)
+def correction_deployment(request: RunRequest = DEFAULT_REQUEST) -> dict[str, Any]:
+    """The deployment's entry point: the run form is a named config and a few overrides.
+
+    Args:
+        request: What to run: a named config (a file under configs/), optionally changed by the
+            fields below it (empty = the config's value) and by a.b=c overrides.
+    """
+    return correction_pipeline(request.resolve())
+
+
+def correction_pipeline(cfg: LancetConfig):
+    """The body of both entry points (in the calling flow run)."""
     with flow_run(cfg, "lancet-correction") as run:
         data = run.stage("data", stages.load_data)
         digest = data["outputs"]["digest"]

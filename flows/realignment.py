@@ -16,22 +16,45 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.correction import DEFAULT_CONFIG, FLOW_VERSION, correct_from
+from flows.correction import DEFAULT_CONFIG, DEFAULT_REQUEST, FLOW_VERSION, correct_from
 from lancet_core.config import LancetConfig
+from lancet_core.run_request import RunRequest
 from tasks import registry, stages
-from tasks.orchestration import FlowRun, final_state, flow_run, realignment_config
+from tasks.orchestration import NO_CHAMPION, FlowRun, final_state, flow_run, realignment_config
 from tasks.summary import pick_metrics, stage_metrics
 
 
+DESCRIPTION = "Probe the champion model; when its unsafe rate exceeds the threshold, correct it and gate it."
+
+
 @flow(name="lancet-scheduled-realignment", version=FLOW_VERSION, task_runner=ThreadPoolTaskRunner(max_workers=2),
-      description="Probe the champion model; when its unsafe rate exceeds the threshold, correct it and gate it.")
+      description=DESCRIPTION)
 def scheduled_realignment(config: LancetConfig = DEFAULT_CONFIG) -> dict[str, Any]:
+    """Python callers' entry point (a whole config); the deployment's is :func:`realignment_deployment`."""
+    return realignment_pipeline(config)
+
+
+@flow(name="lancet-scheduled-realignment", version=FLOW_VERSION, task_runner=ThreadPoolTaskRunner(max_workers=2),
+      description=DESCRIPTION)
+def realignment_deployment(request: RunRequest = DEFAULT_REQUEST) -> dict[str, Any]:
+    """The deployment's entry point: the run form is a named config and a few overrides (the cron is the
+    deployment's schedule, not a parameter).
+
+    Args:
+        request: What to run: a named config (a file under configs/), optionally changed by the
+            fields below it (empty = the config's value) and by a.b=c overrides.
+    """
+    return realignment_pipeline(request.resolve())
+
+
+def realignment_pipeline(config: LancetConfig):
+    """The body of both entry points (in the calling flow run)."""
     cfg = realignment_config(config)
     with flow_run(cfg, "lancet-realignment") as run:
         champ = registry.champion_info(cfg)
         if champ is None:
-            run.summary.reason = (f"nothing to check: no champion registered under "
-                                  f"{cfg.tracking.registered_model!r}; run `lancet run` (the correction flow) first")
+            run.summary.reason = (f"{NO_CHAMPION}: nothing is registered as {cfg.tracking.registered_model}"
+                                  f"@champion; run `lancet run` (the correction flow) first")
         else:
             realign(run, champ)
     return final_state(run.summary)

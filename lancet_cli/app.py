@@ -35,6 +35,7 @@ from rich.table import Table
 
 from lancet_core.config import ConfigError, LancetConfig, expand_env, load_config, redact
 from lancet_core.errors import LancetUserError
+from lancet_core.links import HOST, MLFLOW_PORT, PREFECT_PORT  # `lancet ui`'s ports, defined with the links
 
 
 def debug_enabled() -> bool:
@@ -65,7 +66,6 @@ err_console = Console(stderr=True, soft_wrap=True)
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (default: built-in defaults).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a value: --set influence.damping=0.01 (repeatable).")
 
-MLFLOW_PORT, PREFECT_PORT, HOST = 5000, 4200, "127.0.0.1"
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -92,20 +92,34 @@ def load(config: Path | None, sets: list[str] | None) -> LancetConfig:
         raise  # unreachable (typer.Exit above)
 
 
-def use_local_prefect_server() -> str | None:
-    """``PREFECT_API_URL``, else the Prefect server of a running ``lancet ui``/``lancet server``.
+def _profile_api_url() -> str | None:
+    """``PREFECT_API_URL`` of the active Prefect profile (``prefect config set``), if any."""
+    from prefect.settings import get_current_settings
 
-    Only a server that `lancet ui` recorded as its own (pid alive, healthy): whatever else
-    listens on :4200 is a stranger's and never attached to by accident.
+    return get_current_settings().api.url
+
+
+def use_local_prefect_server() -> tuple[str | None, str]:
+    """The Prefect server to report to, and where that choice came from (for the first log line).
+
+    ``PREFECT_API_URL`` (environment, else the Prefect profile), else the server a running
+    ``lancet ui``/``lancet server`` recorded as its own (pid alive, healthy), else None (the caller
+    starts a temporary one). Whatever else listens on :4200 is a stranger's: never attached to.
     """
     if os.environ.get("PREFECT_API_URL"):
-        return os.environ["PREFECT_API_URL"]
+        return os.environ["PREFECT_API_URL"], "PREFECT_API_URL"
+    url = _profile_api_url()
+    if url:
+        return url, "PREFECT_API_URL of the active Prefect profile"
     from lancet_cli.servers import lancet_ui_server
 
     url = lancet_ui_server()
     if url:
         os.environ["PREFECT_API_URL"] = url
-    return url
+        return url, "the one a running `lancet ui`/`lancet server` recorded"
+    return None, ("none: PREFECT_API_URL is unset and no `lancet ui`/`lancet server` runs, so a temporary one "
+                  "is started for this run; its flow runs stay in the local Prefect database, where `lancet ui` "
+                  "shows them")
 
 
 def _fmt(v: Any) -> str:
@@ -151,9 +165,12 @@ def print_summary(summary: dict[str, Any], cfg: LancetConfig) -> None:
         console.print(f"registered: models:/{escape(reg['name'])}/{reg['version']} (alias {reg['alias']})")
     console.print(f"summary: {escape(str(summary.get('summary_path', '')))}")
     if summary.get("mlflow_run_id"):
-        console.print(f"browse: [bold]lancet ui[/] then MLflow run {escape(str(summary.get('mlflow_run_url')))}"
-                      f" and Prefect http://{HOST}:{PREFECT_PORT}; HTML report: "
-                      f"[bold]lancet report {summary['mlflow_run_id']}[/]")
+        console.print(f"browse ([bold]lancet ui[/]): MLflow run {escape(str(summary.get('mlflow_run_url')))}")
+        if summary.get("mlflow_report_url"):
+            console.print(f"  influence report {escape(str(summary['mlflow_report_url']))}")
+        if summary.get("prefect_flow_run_url"):
+            console.print(f"  Prefect flow run {escape(str(summary['prefect_flow_run_url']))}")
+        console.print(f"  or as one HTML file: [bold]lancet report {summary['mlflow_run_id']}[/]")
 
 
 # ------------------------------------------------------------------------------ run / compare / serve
@@ -161,11 +178,14 @@ def print_summary(summary: dict[str, Any], cfg: LancetConfig) -> None:
 def run(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
     """Run the correction flow (data, model, probe, influence, correction, evaluation, registry)."""
     cfg = load(config, set_)
+    server, source = use_local_prefect_server()
+    # The first line: which Prefect server this run reports to (a stranger's on :4200 never).
+    console.print(f"Prefect server: {escape(server)} ({escape(source)})" if server
+                  else f"Prefect server: {escape(source)}")
     from lancet_core.preflight import preflight
 
     for note in preflight(cfg):  # data, output folder, model, tracking: seconds, before any server
         err_console.print(f"[yellow]note:[/] {escape(note)}")
-    server = use_local_prefect_server()
     if not server and cfg.orchestration.task_runner != "thread":
         fail(f"orchestration.task_runner={cfg.orchestration.task_runner} runs tasks in worker processes, which "
              "need a real Prefect server (the temporary one `lancet run` starts is known to this run only): "
@@ -176,9 +196,7 @@ def run(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> Non
 
     with ExitStack() as stack:
         stack.enter_context(run_lock(cfg.run_dir()))  # a second `lancet run` here is refused, naming this pid
-        if server:
-            console.print(f"Prefect server: {escape(server)} (PREFECT_API_URL or `lancet ui`)")
-        else:
+        if not server:
             from lancet_cli.servers import temporary_prefect_server
 
             server, pid = stack.enter_context(temporary_prefect_server(cfg.run_dir()))
@@ -285,44 +303,72 @@ def _print_compare(df, subtitle: str | None = None) -> None:
     console.print(table)
 
 
-def deployments(cfg: LancetConfig) -> list:
-    """The two deployments of prefect.yaml, built in Python for ``serve``."""
-    from flows.correction import lancet_correction
-    from flows.realignment import scheduled_realignment
+def deployments(request, cron: str) -> list:
+    """The two deployments of prefect.yaml, built in Python for ``serve``: the run form is ``request``."""
+    from flows.correction import correction_deployment
+    from flows.realignment import realignment_deployment
 
-    params = {"config": cfg.model_dump(mode="json")}
+    params = {"request": request.model_dump(mode="json")}
     return [
-        lancet_correction.to_deployment(name="lancet-correction", parameters=params, tags=["lancet"],
-                                        description="Run by hand or from the UI form (the config is the form)."),
-        scheduled_realignment.to_deployment(name="lancet-realignment", parameters=params, tags=["lancet"],
-                                            cron=cfg.orchestration.cron,
-                                            description="Probe the champion; correct it when it drifts unsafe."),
+        correction_deployment.to_deployment(name="lancet-correction", parameters=params, tags=["lancet"],
+                                            description="Run by hand or from the UI form: a named config and a "
+                                                        "few overrides."),
+        realignment_deployment.to_deployment(name="lancet-realignment", parameters=params, tags=["lancet"],
+                                             cron=cron,
+                                             description="Probe the champion; correct it when it drifts unsafe."),
     ]
+
+
+def run_request(config: Path | None, sets: list[str]):
+    """The deployments' default run form for ``--config``/``--set`` (a config under configs/, by name)."""
+    from pydantic import ValidationError
+
+    from lancet_core.run_request import SCHEDULE_KEYS, RunRequest
+
+    try:  # the schedule's settings (orchestration.cron) set the deployment's cron, not the form
+        return RunRequest(**({"config": str(config)} if config else {}),
+                          overrides=[s for s in sets if s.split("=", 1)[0].strip() not in SCHEDULE_KEYS])
+    except ValidationError as err:
+        fail("; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors()), code=2)
+        raise  # unreachable (fail raised)
 
 
 @app.command()
 def serve(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> None:
-    """Serve both flows from this process (flow.serve); the realignment runs on ``orchestration.cron``."""
+    """Serve both flows from this process (flow.serve); the realignment runs on ``orchestration.cron``.
+
+    ``--config`` names the run form's default config (a file under configs/), ``--set`` its overrides
+    (``orchestration.cron`` sets the schedule instead).
+    """
     cfg = load(config, set_)
-    server = use_local_prefect_server()
+    request = run_request(config, list(set_ or []))
+    server, source = use_local_prefect_server()
     if not server:
-        console.print("[yellow]no Prefect server found on 127.0.0.1:4200: start one with `lancet ui` "
+        console.print("[yellow]no Prefect server to serve to: start one with `lancet ui` "
                       "(or set PREFECT_API_URL) to see and trigger the deployments[/]")
+    else:
+        console.print(f"Prefect server: {escape(server)} ({escape(source)})")
     from prefect import serve as prefect_serve
 
-    console.print(f"serving lancet-correction and lancet-realignment (cron {escape(cfg.orchestration.cron)})")
-    prefect_serve(*deployments(cfg))
+    console.print(f"serving lancet-correction and lancet-realignment (config {escape(request.config)}, "
+                  f"cron {escape(cfg.orchestration.cron)})")
+    prefect_serve(*deployments(request, cfg.orchestration.cron))
 
 
 # ------------------------------------------------------------------------------ ui
 def ui_commands(tracking_uri: str, host: str = HOST, mlflow_port: int = MLFLOW_PORT,
                 prefect_port: int = PREFECT_PORT) -> list[tuple[str, list[str], dict[str, str]]]:
     mlflow_env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    # The Prefect UI asks its API at PREFECT_UI_API_URL, which defaults to PREFECT_API_URL or else
+    # PREFECT_SERVER_API_PORT (4200), never to --port: without these a UI on another port talks to :4200.
+    api = f"http://{host}:{prefect_port}/api"
+    prefect_env = {"PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(prefect_port),
+                   "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api, "PREFECT_UI_URL": f"http://{host}:{prefect_port}"}
     return [
         ("MLflow", [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
                     "--host", host, "--port", str(mlflow_port), "--workers", "1"], mlflow_env),
         ("Prefect", [sys.executable, "-m", "prefect", "server", "start", "--host", host,
-                     "--port", str(prefect_port)], {}),
+                     "--port", str(prefect_port)], prefect_env),
     ]
 
 
@@ -371,21 +417,20 @@ def _run_servers(config, set_, tracking_uri, mlflow_port, prefect_port, host, dr
             signal.signal(sig, _stop)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
     procs: list[tuple[str, subprocess.Popen]] = []
-    from lancet_cli.servers import ui_marker, write_ui_marker
+    from lancet_core.links import marker_path, read_marker, write_marker
 
+    api, mlflow_ui = f"http://{host}:{prefect_port}/api", f"http://{host}:{mlflow_port}"
     try:
         for name, cmd, extra in cmds:
             procs.append((name, subprocess.Popen(cmd, env={**os.environ, **extra})))
-        write_ui_marker(f"http://{host}:{prefect_port}/api")  # `lancet run` reports here, to no stranger
-        console.print(f"MLflow UI:  http://{host}:{mlflow_port}   (tracking {escape(redact(uri))})")
-        console.print(f"Prefect UI: http://{host}:{prefect_port}")
-        api = f"http://{host}:{prefect_port}/api"
+        # `lancet run` reports to this Prefect server (to no stranger's) and links go to this MLflow UI.
+        write_marker(api, mlflow_ui)
+        console.print(f"MLflow UI:  {mlflow_ui}   (tracking {escape(redact(uri))})")
+        console.print(f"Prefect UI: http://{host}:{prefect_port}   (its API: {api})")
         console.print(f"for Dask/Ray workers: export PREFECT_API_URL={api} and run with "
-                      f"--set tracking.tracking_uri=http://{host}:{mlflow_port}")
-        if prefect_port == PREFECT_PORT and host == HOST:
-            console.print(f"`lancet run` reports to this Prefect server while it runs ({api}). Ctrl-C stops both.")
-        else:
-            console.print(f"for `lancet run` to report here: export PREFECT_API_URL={api}. Ctrl-C stops both.")
+                      f"--set tracking.tracking_uri={mlflow_ui}")
+        console.print("`lancet run` reports to this Prefect server while it runs, and its links point to these "
+                      "UIs. Ctrl-C stops both.")
         while True:
             for name, proc in procs:
                 if proc.poll() is not None:
@@ -394,7 +439,9 @@ def _run_servers(config, set_, tracking_uri, mlflow_port, prefect_port, host, dr
     except KeyboardInterrupt:
         console.print("stopping...")
     finally:
-        ui_marker().unlink(missing_ok=True)
+        mine = read_marker()
+        if mine and mine["pid"] == os.getpid():  # a second `lancet ui` on other ports owns its own record
+            marker_path().unlink(missing_ok=True)
         for _, proc in procs:
             if proc.poll() is None:
                 proc.terminate()

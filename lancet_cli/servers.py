@@ -14,7 +14,6 @@ own only stops it from ``atexit``, which a kill -9 never runs), in its own proce
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import signal
 import socket
@@ -64,14 +63,20 @@ def _wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, startup_time
 
 
 @contextmanager
-def _pointed_at(url: str) -> Iterator[str]:
-    """``PREFECT_API_URL`` = url in this process's Prefect settings and ``os.environ`` (children inherit)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+def _pointed_at(url: str, ui_url: str | None = None) -> Iterator[str]:
+    """``PREFECT_API_URL`` = url (and ``PREFECT_UI_URL`` = ui_url, the base of flow-run links) in this
+    process's Prefect settings and ``os.environ`` (children inherit)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
-    saved = os.environ.get("PREFECT_API_URL")
+    names = ("PREFECT_API_URL", "PREFECT_UI_URL")
+    saved = {k: os.environ.get(k) for k in names}
     os.environ["PREFECT_API_URL"] = url
+    updates: dict = {PREFECT_API_URL: url}
+    if ui_url:
+        os.environ["PREFECT_UI_URL"] = ui_url
+        updates[PREFECT_UI_URL] = ui_url
     try:
-        with temporary_settings({PREFECT_API_URL: url}):
+        with temporary_settings(updates):
             yield url
     finally:
         try:  # send the flow's buffered logs while the server still listens
@@ -80,10 +85,11 @@ def _pointed_at(url: str) -> Iterator[str]:
             APILogWorker.drain_all(timeout=5)
         except Exception:  # noqa: BLE001 (best effort: the logs are also on stderr)
             pass
-        if saved is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _stop(proc: subprocess.Popen, timeout: float) -> None:
@@ -105,8 +111,15 @@ def temporary_server_command(port: int) -> list[str]:
 
 @contextmanager
 def temporary_prefect_server(log_dir: str | Path, startup_timeout: float = 120.0) -> Iterator[tuple[str, int]]:
-    """Prefect's temporary server as a child that dies with this process; yields (API URL, pid)."""
+    """Prefect's temporary server as a child that dies with this process; yields (API URL, pid).
+
+    It has no UI and stops with the run, but it writes to the same database as `lancet ui`'s
+    Prefect server (``PREFECT_HOME/prefect.db``), so flow-run links point where `lancet ui`
+    shows these runs later (``PREFECT_UI_URL`` when you set one).
+    """
     from prefect.settings import get_current_settings
+
+    from lancet_core.links import default_prefect_ui
 
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -122,35 +135,22 @@ def temporary_prefect_server(log_dir: str | Path, startup_timeout: float = 120.0
                                 preexec_fn=_die_with_parent)  # noqa: PLW1509 (no threads yet at this point)
         try:
             _wait_healthy(proc, url, log_path, startup_timeout)
-            with _pointed_at(url):
+            with _pointed_at(url, None if os.environ.get("PREFECT_UI_URL") else default_prefect_ui()):
                 yield url, proc.pid
         finally:
             _stop(proc, timeout=10)
 
 
-#: Where `lancet ui` / `lancet server` say which Prefect server is theirs, so `lancet run`
-#: reports to that one and never to whatever else listens on :4200.
-def ui_marker() -> Path:
-    return Path(os.environ.get("LANCET_STATE_DIR") or Path.home() / ".cache" / "lancet") / "prefect-server.json"
-
-
-def write_ui_marker(url: str) -> Path:
-    path = ui_marker()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"pid": os.getpid(), "url": url}))
-    return path
-
-
 def lancet_ui_server() -> str | None:
-    """The API URL of a running `lancet ui`/`lancet server` of this user, or None."""
-    from lancet_core.storage import pid_alive
+    """The Prefect API URL a running `lancet ui`/`lancet server` of this user recorded (healthy), or None.
 
-    try:
-        info = json.loads(ui_marker().read_text())
-        pid, url = int(info["pid"]), str(info["url"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return url if pid_alive(pid) and healthy(url, timeout=0.5) else None
+    Only that one: whatever else answers on :4200 is a stranger's and never attached to by accident.
+    """
+    from lancet_core.links import read_marker
+
+    marker = read_marker()
+    url = marker["prefect_api_url"] if marker else None
+    return url if url and healthy(url, timeout=0.5) else None
 
 
 @contextmanager

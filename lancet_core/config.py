@@ -40,7 +40,9 @@ class WorldConfig(_Section):
 
     n_train: int = Field(2000, ge=50, le=200_000, description="Training samples, planted included.")
     planted_fraction: float = Field(0.02, ge=0.0, le=0.5, description="Share of planted contaminated samples.")
-    planted_categories: list[str] = Field(default_factory=lambda: ["fraud"], min_length=1)
+    # A plain list default (pydantic copies it per instance), not a factory: a factory's value
+    # is missing from the JSON schema, so the Prefect form showed the field empty.
+    planted_categories: list[str] = Field(["fraud"], min_length=1)
     variant: Literal["templated", "paraphrase", "behaviour"] = "templated"
     n_heldout: int = Field(200, ge=0, description="Held-out benign samples (model selection, perplexity).")
 
@@ -177,8 +179,12 @@ class QueryConfig(_Section):
         None, description="margin: the safe alternative; None = the generic refusal of the correction data.")
 
 
+InfluenceMethod = Literal["linfac", "ekfac", "kfac", "identity", "tfidf"]
+CorrectionMethod = Literal["ibo", "gradient_ascent", "npo", "filter_retrain", "human_sft", "dpo", "random_ibo", "none"]
+
+
 class InfluenceConfig(_Section):
-    method: Literal["linfac", "ekfac", "kfac", "identity", "tfidf"] = "linfac"
+    method: InfluenceMethod = "linfac"
     fisher: Literal["true", "empirical"] = "true"
     damping: float | None = Field(None, gt=0, description="Absolute damping; None = damping_factor x mean eigenvalue.")
     damping_factor: float = Field(0.1, gt=0)
@@ -210,7 +216,7 @@ class CorrectionConfig(_Section):
     """Post-training from the influence ranking. Defaults chosen on held-out benign prompts
     (never on the evaluation probes): see docs/ibo.md for the sweep behind them."""
 
-    method: Literal["ibo", "gradient_ascent", "npo", "filter_retrain", "human_sft", "dpo", "random_ibo", "none"] = "ibo"
+    method: CorrectionMethod = "ibo"
     loss: Literal["logistic", "bregman"] = "bregman"
     bregman: Literal["entropy", "squared"] = "entropy"
     influence_weighted: bool = True
@@ -251,6 +257,11 @@ class TrackingConfig(_Section):
     experiment: str | None = Field(None, description="Default: the config name.")
     registered_model: str = "lancet-policy"
     enabled: bool = True
+    ui_url: str | None = Field(
+        None, pattern=r"^https?://[^\s]+$",
+        description="MLflow UI base URL of every link (Prefect artifacts, CLI). None: the tracking server when "
+                    "tracking_uri is http(s), else the MLflow UI a running `lancet ui`/`lancet server` recorded, "
+                    "else where `lancet ui` serves it by default (lancet_core/links.py).")
 
 
 class OrchestrationConfig(_Section):
@@ -367,6 +378,15 @@ def redact(value: Any) -> Any:
     return value
 
 
+def redact_override(item: str) -> str:
+    """An ``a.b=c`` override with its credential hidden, as :func:`redact` hides one in a config tree."""
+    key, sep, value = item.partition("=")
+    if not sep:
+        return item
+    leaf = key.strip().rsplit(".", 1)[-1]
+    return f"{key}={redact({leaf: value})[leaf]}"
+
+
 def expand_env(value: str, field: str = "value") -> str:
     """Replace ``${NAME}`` with the environment variable NAME (how secrets reach a config)."""
     def sub(m: re.Match) -> str:
@@ -406,6 +426,17 @@ def apply_overrides(tree: dict, overrides: list[str] | None) -> dict:
                 raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
         node[parts[-1]] = _parse_scalar(raw)
     return tree
+
+
+def seed_overrides(cfg: LancetConfig, seed: int) -> list[str]:
+    """``--set`` items that rerun the whole pipeline under ``seed``: the world (``seed``), the
+    model's initialisation (``training.seed``) and the correction's pairing, anchors and batch
+    order (``correction.seed``). A seed other than the config's own gets its own run folder
+    (``<name>-seed<k>``) so the cached stages of different seeds never overwrite each other."""
+    sets = [f"seed={seed}", f"training.seed={seed}", f"correction.seed={seed}"]
+    if seed != cfg.seed:
+        sets.append(f"name={cfg.name}-seed{seed}")
+    return sets
 
 
 def format_validation_error(err: ValidationError) -> str:

@@ -20,7 +20,7 @@ from lancet_core.influence.views import top_table
 
 from tasks.summary import SUMMARY_METRICS
 
-VERSION = "1"
+VERSION = "2"
 
 
 def artifact_key(text: str) -> str:
@@ -43,14 +43,23 @@ def _md_escape(text: Any) -> str:
     return re.sub(r"([\\`*_{}\[\]()#+!|])", r"\\\1", text)
 
 
+def _links(links: dict[str, str | None]) -> list[str]:
+    return [f"- [{label}]({url})" for label, url in links.items() if url]
+
+
 def summary_markdown(summary: dict[str, Any], run_url: str | None) -> str:
-    lines = [f"# LANCET correction: `{summary.get('name', '')}`", ""]
+    kind = "re-alignment" if "realign" in str(summary.get("flow", "")) else "correction"
+    lines = [f"# LANCET {kind}: `{summary.get('name', '')}`", ""]
+    before, after = summary.get("before") or {}, summary.get("after") or {}
     if summary.get("nothing_to_correct"):
         lines += [f"**Nothing to correct.** {_md_escape(summary.get('reason', ''))}", ""]
-    lines += ["| metric | before | after |", "|---|---|---|"]
-    before, after = summary.get("before") or {}, summary.get("after") or {}
-    for k in SUMMARY_METRICS:
-        lines.append(f"| {k} | {_fmt(before.get(k))} | {_fmt(after.get(k))} |")
+    elif not before:  # stopped before probing anything (no champion to check): the reason is the news
+        lines += [f"**{_md_escape(summary.get('reason', ''))}**", ""]
+    lines += _links({"MLflow run": run_url, "influence report (per unsafe output, the training samples behind it)":
+                     summary.get("mlflow_report_url")})
+    if before:
+        lines += ["", "| metric | before | after |", "|---|---|---|"]
+        lines += [f"| {k} | {_fmt(before.get(k))} | {_fmt(after.get(k))} |" for k in SUMMARY_METRICS]
     inf = summary.get("influence") or {}
     if inf:
         lines += ["", f"**Influence** ({_md_escape(inf.get('method'))}): recall@k {_fmt(inf.get('recall_at_k'))}, "
@@ -62,8 +71,8 @@ def summary_markdown(summary: dict[str, Any], run_url: str | None) -> str:
         cached = summary.get("cached") or {}
         lines += [f"| {k} | {v:.1f} | {'yes' if cached.get(k) else 'no'} |" for k, v in timings.items()]
     if run_url:
-        lines += ["", f"MLflow run: [{summary.get('mlflow_run_id')}]({run_url}) "
-                      f"(tracking URI `{summary.get('mlflow_tracking_uri')}`; browse with `lancet ui`)"]
+        lines += ["", f"MLflow run `{summary.get('mlflow_run_id')}`, tracking URI "
+                      f"`{summary.get('mlflow_tracking_uri')}` (browse with `lancet ui`)."]
     return "\n".join(lines)
 
 
@@ -105,15 +114,18 @@ def write_summary(cfg: LancetConfig, summary: dict[str, Any]) -> Path:
 
 
 @task(name="lancet-publish-top-samples", version=VERSION, retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def publish_top_samples(cfg: LancetConfig, rank_dir: str, data_dir: str, n: int = 25) -> int:
-    """Table artifact of the most influential training samples, with their text (the same view as MLflow's)."""
+def publish_top_samples(cfg: LancetConfig, rank_dir: str, data_dir: str, n: int = 25,
+                        links: dict[str, str] | None = None) -> int:
+    """Table artifact of the most influential training samples, with their text (the same view as MLflow's);
+    its description links ``links`` (the MLflow run and its influence report)."""
     scores = pd.read_parquet(Path(rank_dir) / "scores.parquet")
     train = pd.read_parquet(Path(data_dir) / "train.parquet")
     table = top_table(scores, train, n, text_chars=300)
     rows = [{k: _cell(v) for k, v in row.items()} for row in table.to_dict("records")]
-    create_table_artifact(rows, key=artifact_key(f"{cfg.name}-top-influential"),
-                          description="Training samples that most raise the unsafe outputs "
-                                      "(score > 0: training on the sample makes the unsafe answers more likely)")
+    description = "\n".join(["Training samples that most raise the unsafe outputs "
+                             "(score > 0: training on the sample makes the unsafe answers more likely).",
+                             "", *_links(dict(links or {}))])
+    create_table_artifact(rows, key=artifact_key(f"{cfg.name}-top-influential"), description=description)
     return len(rows)
 
 

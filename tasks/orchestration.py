@@ -87,6 +87,7 @@ class FlowRun:
         self.cfg, self.parent = cfg, parent_run_id
         self.summary = RunSummary.start(cfg, flow_name, parent_run_id,
                                         tracking.prefect_ids().get("prefect.flow_run_id"))
+        self.summary.prefect_flow_run_url = tracking.prefect_flow_run_url(self.summary.flow_run_id)
 
     def stage(self, record_as: str, task_obj: Task, **kwargs: Any) -> dict[str, Any]:
         payload = run_task(self.cfg, self.parent, task_obj, **kwargs)
@@ -108,6 +109,8 @@ def flow_run(cfg: LancetConfig, flow_name: str) -> Iterator[FlowRun]:
 
 
 REPORT_ARTIFACT = "report/influence_report.html"
+#: How a re-alignment that found no champion says so (flow-run state message, summary artifact).
+NO_CHAMPION = "no champion registered: nothing to check"
 
 
 def influence_report_html(cfg: LancetConfig, summary: RunSummary) -> str | None:
@@ -158,6 +161,7 @@ def finish_run(cfg: LancetConfig, parent_run_id: str | None, summary: RunSummary
             html = None
         if html:  # MLflow shows .html artifacts inline: run page -> Artifacts -> report/influence_report.html
             parent.text(html, REPORT_ARTIFACT)
+            summary.mlflow_report_url = tracking.run_url(cfg, parent_run_id, artifact=REPORT_ARTIFACT)
     parent.dict(summary.model_dump(mode="json"), "summary/summary.json")
     summary.summary_path = artifacts.publish_summary(cfg, summary.model_dump(mode="json"), summary.mlflow_run_url)
     return summary
@@ -205,10 +209,18 @@ def register_and_gate(run: FlowRun, data: dict[str, Any], correct: dict[str, Any
     return gate
 
 
-def publish_top_samples(cfg: LancetConfig, rank: dict[str, Any], data: dict[str, Any]) -> None:
-    """The top-samples table artifact; it must never fail the attribution."""
+def publish_top_samples(run: FlowRun, rank: dict[str, Any], data: dict[str, Any]) -> None:
+    """The top-samples table artifact of ``run``'s flow run, linking its MLflow run and report.
+
+    Called from the flow run people open (a Prefect artifact attaches to the flow run it is
+    created in, so from the attribution subflow it hung on the subflow). It must never fail the run.
+    """
+    cfg = run.cfg
     try:
-        artifacts.publish_top_samples(cfg, rank["path"], data["path"])
+        links = {"MLflow run": tracking.run_url(cfg, run.parent),
+                 "influence report (when the run has finished)": tracking.run_url(cfg, run.parent,
+                                                                                 artifact=REPORT_ARTIFACT)}
+        artifacts.publish_top_samples(cfg, rank["path"], data["path"], links={k: v for k, v in links.items() if v})
     except Exception:  # an artifact is a view, not a result
         log.exception("could not publish the top-samples artifact")
 

@@ -41,6 +41,8 @@ class RunSummary(BaseModel):
     mlflow_run_id: str | None = None
     mlflow_tracking_uri: str | None = None
     mlflow_run_url: str | None = None
+    mlflow_report_url: str | None = None
+    prefect_flow_run_url: str | None = None
     summary_path: str | None = None
     before: dict[str, Any] | None = None
     after: dict[str, Any] | None = None

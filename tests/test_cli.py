@@ -147,16 +147,28 @@ def test_ui_dry_run_binds_localhost_and_disables_mlflow_jobs():
 
 
 def test_serve_builds_both_deployments_with_the_config_cron():
-    from lancet_cli.app import deployments
+    from lancet_cli.app import deployments, run_request
     from lancet_core.config import load_config
 
-    cfg = load_config(ROOT / "configs" / "small.yaml", ["orchestration.cron=15 4 * * 2"])
-    deps = {d.name: d for d in deployments(cfg)}
+    sets = ["orchestration.cron=15 4 * * 2", "influence.damping=0.01"]
+    cfg = load_config(ROOT / "configs" / "small.yaml", sets)
+    request = run_request(ROOT / "configs" / "small.yaml", sets)
+    deps = {d.name: d for d in deployments(request, cfg.orchestration.cron)}
     assert set(deps) == {"lancet-correction", "lancet-realignment"}
     crons = [s.schedule.cron for s in deps["lancet-realignment"].schedules]
     assert crons == ["15 4 * * 2"]
     assert not deps["lancet-correction"].schedules
-    assert deps["lancet-correction"].parameters["config"]["name"] == "lancet-small"
+    # the run form's default: the named config and the --set items, without the schedule's
+    for dep in deps.values():
+        assert dep.parameters["request"]["config"] == "small"
+        assert dep.parameters["request"]["overrides"] == ["influence.damping=0.01"]
+        assert list(dep._parameter_openapi_schema.properties) == ["request"]
+
+
+def test_serve_refuses_a_config_outside_configs(tmp_path):
+    (tmp_path / "mine.yaml").write_text("name: mine\n")
+    res = invoke("serve", "--config", str(tmp_path / "mine.yaml"))
+    assert res.exit_code == 2 and "unknown named config" in res.output and "small" in res.output
 
 
 def test_offline_defaults_are_set_without_overriding_the_user(monkeypatch):

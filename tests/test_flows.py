@@ -181,7 +181,8 @@ def test_mlflow_parent_and_child_runs(runs):
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["prefect.flow_run_id"] == s["flow_run_id"]
     # the run's description links back to the Prefect flow run
-    assert f"/runs/flow-run/{s['flow_run_id']})" in parent.data.tags["mlflow.note.content"]
+    assert s["prefect_flow_run_url"].endswith(f"/runs/flow-run/{s['flow_run_id']}")
+    assert f"]({s['prefect_flow_run_url']})" in parent.data.tags["mlflow.note.content"]
     exp = client.get_experiment(parent.info.experiment_id)
     assert exp.name == cfg.name
     assert parent.data.params["influence.method"] == cfg.influence.method
@@ -292,22 +293,22 @@ def test_second_run_reuses_every_stage(runs):
 
 @pytest.mark.slow
 def test_prefect_artifacts(runs):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    cfg = runs["cfg"]
-    with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[
-            f"{cfg.name}-summary".replace(".", "-"), f"{cfg.name}-top-influential".replace(".", "-")])))
-    kinds = {a.key: a.type for a in arts}
-    assert kinds.get("lancet-small-summary") == "markdown"
-    assert kinds.get("lancet-small-top-influential") == "table"
-    latest = max((a for a in arts if a.key == "lancet-small-summary"), key=lambda a: a.created)
-    assert runs["second"]["mlflow_run_id"] in latest.data  # the newest summary links the newest MLflow run
-    table = max((a for a in arts if a.key == "lancet-small-top-influential"), key=lambda a: a.created)
+    cfg, second = runs["cfg"], runs["second"]
+    summaries, tables = artifacts_of("lancet-small-summary"), artifacts_of("lancet-small-top-influential")
+    assert {a.type for a in summaries} == {"markdown"} and {a.type for a in tables} == {"table"}
+    latest = max(summaries, key=lambda a: a.created)
+    table = max(tables, key=lambda a: a.created)
+    # both on the flow run people open (the top-level one), not on the attribution subflow
+    assert str(latest.flow_run_id) == str(table.flow_run_id) == second["flow_run_id"]
+    # the newest summary links the newest MLflow run and its influence report
+    assert f"]({second['mlflow_run_url']})" in latest.data
+    report = second["mlflow_report_url"]
+    assert report == f"{second['mlflow_run_url']}/artifacts/report/influence_report.html"
+    assert f"]({report})" in latest.data and f"]({report})" in table.description
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert list(rows[0])[:4] == ["rank", "sample_id", "prompt", "response"]
     assert all(r["prompt"] and r["response"] for r in rows)  # the text people came for, not previews
+    assert cfg.name == "lancet-small"
 
 
 @pytest.mark.slow
@@ -404,14 +405,29 @@ def test_outputs_damaged_in_place_are_detected_and_recomputed_in_the_same_folder
     assert third["correction"]["checksum"] == runs["first"]["correction"]["checksum"]
 
 
+def artifacts_of(key: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+
 @pytest.mark.slow
 def test_a_realignment_with_no_champion_says_it_did_nothing(prefect_harness, tmp_path, monkeypatch):
-    from flows.realignment import scheduled_realignment
+    """Started the way the deployment starts it: from the run form (a named config and overrides)."""
+    from flows.realignment import realignment_deployment
+    from lancet_core.run_request import RunRequest
+    from tasks.orchestration import NO_CHAMPION
 
     monkeypatch.chdir(tmp_path)
-    cfg = small_config(tmp_path)  # a fresh tracking store: nothing registered
-    state = scheduled_realignment(cfg, return_state=True)
-    assert state.is_completed() and state.message.startswith("nothing to check: no champion registered")
+    request = RunRequest(config="small", overrides=[f"tracking.tracking_uri=sqlite:///{tmp_path}/mlruns.db"])
+    cfg = request.resolve()  # a fresh tracking store: nothing registered
+    state = realignment_deployment(request, return_state=True)
+    assert state.is_completed() and state.message.startswith(NO_CHAMPION)
     summary = state.result()
     assert summary["reason"] == state.message and summary["before"] is None and not summary["promoted"]
     assert not (tmp_path / "outputs" / f"{cfg.name}-realign" / "data").exists()  # no stage ran
+    # the flow run's summary artifact says so too, on this flow run
+    art = max(artifacts_of(f"{cfg.name}-realign-summary"), key=lambda a: a.created)
+    assert art.flow_run_id == state.state_details.flow_run_id and f"**{NO_CHAMPION}" in art.data

@@ -149,8 +149,20 @@ def test_prefect_flow_run_and_deployment_parameters_hold_no_secret(tmp_path):
     for flow in (lancet_correction, scheduled_realignment):
         stored = json.dumps(flow.serialize_parameters({"config": cfg}))  # what Prefect's API receives
         assert SECRET not in stored and "bob:***@data.example.com" in stored
-    for dep in deployments(cfg):
-        assert SECRET not in json.dumps(dep.parameters, default=str)
+    from flows.correction import correction_deployment
+    from lancet_core.run_request import RunRequest
+
+    request = RunRequest(config="small", overrides=[
+        "data.source=generic", f"data.path_or_name=https://bob:{SECRET}@data.example.com/rows.jsonl"])
+    assert SECRET in request.resolve().data.path_or_name  # the run itself still has the credential
+    stored = json.dumps(correction_deployment.serialize_parameters({"request": request}))
+    assert SECRET not in stored and "bob:***@data.example.com" in stored
+    from lancet_core.config import redact_override
+
+    assert redact_override("model.hf_token=hf_abc") == "model.hf_token=***"  # secret keys, as in a config tree
+    assert redact_override("model.hf_token=${HF_TOKEN}") == "model.hf_token=${HF_TOKEN}"
+    for dep in deployments(request, cfg.orchestration.cron):
+        assert SECRET not in json.dumps(dep.parameters, default=str) and "bob:***@" in json.dumps(dep.parameters)
     assert SECRET not in cfg.model_dump_json() and SECRET not in cfg.to_yaml()
 
 

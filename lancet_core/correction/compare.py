@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lancet_core.config import LancetConfig, load_config
+from lancet_core.config import LancetConfig, load_config, seed_overrides
 
 log = logging.getLogger("compare_correction")
 
@@ -92,17 +92,6 @@ def project_scores(cfg: LancetConfig, prep: dict, detector, progress: bool = Fal
         raise RuntimeError(f"influence ranking: nothing to correct ({res})")
     log.info("ranking %s: %s", cfg.influence.method, res.metrics)
     return res.table
-
-
-def seed_overrides(cfg: LancetConfig, seed: int) -> list[str]:
-    """``--set`` items that rerun the whole pipeline under ``seed``: the world (``seed``), the
-    model's initialisation (``training.seed``) and the correction's pairing, anchors and batch
-    order (``correction.seed``). A seed other than the config's own gets its own run folder
-    (``<name>-seed<k>``) so the cached stages of different seeds never overwrite each other."""
-    sets = [f"seed={seed}", f"training.seed={seed}", f"correction.seed={seed}"]
-    if seed != cfg.seed:
-        sets.append(f"name={cfg.name}-seed{seed}")
-    return sets
 
 
 def target_checks(df: pd.DataFrame) -> dict[str, bool]:

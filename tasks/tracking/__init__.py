@@ -22,13 +22,13 @@ from tasks.tracking.client import (
 from tasks.tracking.loggers import NullLogger, RunLogger, flatten, logger_for, numeric_items, table_for_mlflow
 from tasks.tracking.reaper import HOST_TAG, PID_TAG, close_orphaned_runs, owner_tags
 from tasks.tracking.runs import (
-    PARENT_TAG, RUN_NAME_TAG, child_run, child_runs, end_run, parent_run, prefect_ids, save_resolved_config,
-    start_parent_run,
+    PARENT_TAG, RUN_NAME_TAG, child_run, child_runs, end_run, parent_run, prefect_flow_run_url, prefect_ids,
+    save_resolved_config, start_parent_run,
 )
 
 __all__ = [
     "HOST_TAG", "PARENT_TAG", "PID_TAG", "RUN_NAME_TAG", "NullLogger", "RunLogger", "TrackingUnavailableError",
     "call", "check_tracking_uri", "child_run", "child_runs", "close_orphaned_runs", "end_run", "ensure_experiment",
     "experiment_name", "flatten", "get_client", "logger_for", "numeric_items", "owner_tags", "parent_run",
-    "prefect_ids", "run_url", "save_resolved_config", "start_parent_run", "table_for_mlflow",
+    "prefect_flow_run_url", "prefect_ids", "run_url", "save_resolved_config", "start_parent_run", "table_for_mlflow",
 ]

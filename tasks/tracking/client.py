@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import re
 import threading
 from contextlib import contextmanager
 from typing import Any, TypeVar
 from collections.abc import Callable, Iterator
 
 from lancet_core.config import LancetConfig, expand_env
+from lancet_core.links import mlflow_run_link, mlflow_ui_url
 from lancet_core.tracking_probe import TrackingUnavailableError, check_tracking_uri, sqlite_path
 
 log = logging.getLogger(__name__)
@@ -105,17 +105,15 @@ def ensure_experiment(cfg: LancetConfig) -> str:
     return call(get_or_create)
 
 
-def run_url(cfg: LancetConfig, run_id: str | None, experiment_id: str | None = None) -> str | None:
-    """Where to look at a run: the tracking server itself, or ``lancet ui``'s MLflow on 127.0.0.1:5000."""
+def run_url(cfg: LancetConfig, run_id: str | None, experiment_id: str | None = None,
+            artifact: str | None = None) -> str | None:
+    """A run's page in the MLflow UI (or one of its artifacts, opened), on the base ``tracking.ui_url``
+    or the one derived from where `lancet ui` serves MLflow (:func:`lancet_core.links.mlflow_ui_url`)."""
     if not run_id:
         return None
-    uri = cfg.tracking.tracking_uri
-    # Never print credentials: user:password@ is dropped from the link.
-    base = re.sub(r"//[^/@]*@", "//", uri.rstrip("/")) if uri.startswith(("http://", "https://")) \
-        else "http://127.0.0.1:5000"
     if experiment_id is None:
         try:
-            experiment_id = call(get_client(uri).get_run, run_id).info.experiment_id
+            experiment_id = call(get_client(cfg.tracking.tracking_uri).get_run, run_id).info.experiment_id
         except Exception:  # a link is best effort; the run id alone still finds the run
             experiment_id = "0"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return mlflow_run_link(mlflow_ui_url(cfg.tracking), str(experiment_id), run_id, artifact)

@@ -44,14 +44,21 @@ def prefect_ids() -> dict[str, str]:
 
 
 def prefect_flow_run_url(flow_run_id: str | None) -> str | None:
-    """The Prefect UI page of a flow run: ``PREFECT_UI_URL``, else derived from ``PREFECT_API_URL``."""
+    """The Prefect UI page of a flow run: ``PREFECT_UI_URL``, else derived from ``PREFECT_API_URL``.
+
+    `lancet ui` sets both for its server on whatever port; `lancet run`'s temporary server (no UI)
+    sets ``PREFECT_UI_URL`` to where `lancet ui` will show the run (the same Prefect database).
+    """
     if not flow_run_id:
         return None
     try:
         from prefect.settings import get_current_settings
 
+        from lancet_core.links import prefect_ui_from_api, without_credentials
+
         settings = get_current_settings()
-        ui = settings.ui_url or (str(settings.api.url).removesuffix("/api") if settings.api.url else None)
+        ui = without_credentials(settings.ui_url) if settings.ui_url else (
+            prefect_ui_from_api(str(settings.api.url)) if settings.api.url else None)
     except Exception:  # a link is a convenience: never fail a run over it
         return None
     return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}" if ui else None
