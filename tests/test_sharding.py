@@ -49,8 +49,10 @@ def test_sharded_fit_and_scores_equal_one_process(method, small):
     sharded = sharded_fit(get_estimator(cfg), model, data, n_shards=3)
     assert sharded.n_fit == single.n_fit == 120
     for a, b in zip(single.factors, sharded.factors, strict=True):
-        # float32 gradients of differently composed batches round differently (measured: <= 4e-6 of the scale)
-        torch.testing.assert_close(b.lam, a.lam, rtol=1e-5, atol=1e-5 * float(a.lam.abs().max()))
+        # float32 gradients of differently composed batches round differently; EK-FAC's corrected
+        # eigenvalues also move with eigenvectors that rotate slightly (measured: 1.8e-5 of the scale on
+        # 2 of 131,072 entries, so 5e-5 of the scale for entries near zero)
+        torch.testing.assert_close(b.lam, a.lam, rtol=1e-5, atol=5e-5 * float(a.lam.abs().max()))
         torch.testing.assert_close(b.damping, a.damping, rtol=1e-5, atol=0)
     # The reduced sums equal one pass's sums. (Eigenvectors of near-equal eigenvalues may rotate
     # within their subspace under 1e-7 perturbations, so Q is not compared entry by entry; the
@@ -59,7 +61,9 @@ def test_sharded_fit_and_scores_equal_one_process(method, small):
     whole = single.covariance_statistics(model, data.subset(rows), rows)
     summed = sum_statistics([sharded.covariance_statistics(model, data.subset(r), r) for r in plan_shards(rows, 3)])
     for key in whole:
-        torch.testing.assert_close(summed[key], whole[key], rtol=1e-5, atol=1e-5 * float(whole[key].abs().max()))
+        # float32 sums of 120 samples in another grouping: entries near zero differ by a few 1e-5 of the
+        # largest entry (measured in CI: 1.8e-5 on one EK-FAC covariance entry of 131,072), not of themselves
+        torch.testing.assert_close(summed[key], whole[key], rtol=1e-5, atol=5e-5 * float(whole[key].abs().max()))
     expected = single.score(model, queries, data)
     prepared = sharded.prepare_queries(model, queries)
     parts = [(rows, sharded.score_prepared(model, prepared, data.subset(rows)))
@@ -159,7 +163,7 @@ def test_dask_run_without_a_prefect_server_is_refused_before_any_work(tmp_path, 
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    monkeypatch.setattr(cli, "use_local_prefect_server", lambda: None)  # as on a machine with none running
+    monkeypatch.setattr(cli, "use_local_prefect_server", lambda: (None, "none"))  # as on a machine with none running
     small = Path(__file__).resolve().parents[1] / "configs" / "small.yaml"
     res = CliRunner().invoke(cli.app, ["run", "--config", str(small), "--set", "orchestration.task_runner=dask"],
                              catch_exceptions=False)
