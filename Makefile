@@ -26,9 +26,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/lancet run --config configs/demo.yaml
 
-# The static checks first (seconds), then the suite.
+# The static checks first (seconds), then the suite on TEST_WORKERS processes (pytest-xdist;
+# a test file stays on one worker, so its module fixtures are built once). The tests run torch
+# on one thread each (tests/conftest.py), so two workers use both cores of a 2-core machine.
+TEST_WORKERS ?= 2
 test: lint
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not e2e"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not e2e" -n $(TEST_WORKERS) --dist loadfile
 
 # Static checks: ruff on every Python folder, mypy on lancet_core ([tool.ruff]/[tool.mypy] in pyproject.toml).
 lint: $(STAMP)

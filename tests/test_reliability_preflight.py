@@ -43,10 +43,10 @@ def run_fails(tmp_path: Path, *sets: str) -> str:
     args = ["run", "--config", SMALL]
     for s in sets:
         args += ["--set", s]
-    res, took = lancet(tmp_path, *args)
+    res, _ = lancet(tmp_path, *args)
     line = one_error_line(res)
-    assert took < 10, took  # a generous bound: the point is seconds, not a stage's minutes
-    # Nothing started: no stage folder, no tracking database, no Prefect home.
+    # Refused before any work (the proof that does not depend on the machine's load; a wall-clock
+    # bound failed at 25 s on a loaded CI box): no stage folder, no tracking database.
     assert not (tmp_path / "outputs" / "lancet-small" / "data").exists()
     assert not (tmp_path / "mlruns.db").exists()
     return line
