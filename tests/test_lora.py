@@ -3,6 +3,7 @@ PEFT model, influence over the adapter maps, and IBO training the adapter -- thr
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -68,7 +69,10 @@ def test_lora_model_runs_the_pipeline_with_adapter_influence_and_ibo(tmp_path):
     from lancet_core.stages.data import data_stage
     from lancet_core.stages.model import load_trained, model_stage
 
-    small = ["queries.max_queries=8", "evaluation.max_probe_prompts=24", "correction.epochs=1"]
+    # every generation becomes a query (threshold 0): the stages always have something to rank and correct
+    small = ["data.world.n_train=120", "data.world.n_heldout=20", "queries.max_queries=8",
+             "evaluation.max_probe_prompts=16", "correction.epochs=1", "detector.threshold=0.0",
+             "correction.min_positive_z=null"]  # P = the top-ranked samples, whatever their z
     base_cfg = load_config(ROOT / "configs" / "small.yaml",
                            [f"output_dir={tmp_path}", "name=base", "tracking.enabled=false", *small])
     d = data_stage(base_cfg)
@@ -86,9 +90,11 @@ def test_lora_model_runs_the_pipeline_with_adapter_influence_and_ibo(tmp_path):
     import pandas as pd
 
     scores = pd.read_parquet(run / "scores" / "scores.parquet")
-    assert len(scores) == 400 and scores["score"].notna().all() and scores["score"].abs().max() > 0
+    assert len(scores) == 120 and scores["score"].notna().all() and scores["score"].abs().max() > 0
 
     # IBO trained the adapter, not the base weights: both folders are merged weights + adapter
+    manifest = json.loads((run / "correction" / "manifest.json").read_text())["outputs"]
+    assert manifest["applicable"] and manifest["last_good_step"] > 0, manifest
     before, _ = load_trained(run / "model" / "hf", cfg)
     after, _ = load_trained(run / "correction" / "hf", cfg)
     assert result["corrected_checksum"] != result["model_checksum"]
