@@ -472,9 +472,10 @@ def _preset_override_replaces_shape(tree: dict, overrides: list[str] | None) -> 
     """``--set model.preset=X`` replaces the file's shape: its ``model.hidden_size`` etc. are dropped
     (the preset fills them), while shape fields set by other ``--set`` items still win. Without
     this a config file's small shape (every shipped config sets one) silently overrode the preset."""
-    keys = {item.split("=", 1)[0].strip() for item in overrides or [] if "=" in item}
+    sets = dict(item.split("=", 1) for item in overrides or [] if "=" in item)
+    preset = next((_parse_scalar(v) for k, v in sets.items() if k.strip() == "model.preset"), None)
     model = tree.get("model")
-    if "model.preset" not in keys or not isinstance(model, dict):
+    if preset not in PRESETS or not isinstance(model, dict):  # model.preset=null keeps the file's shape
         return tree
     return {**tree, "model": {k: v for k, v in model.items() if k not in SHAPE_FIELDS}}
 

@@ -36,6 +36,7 @@ def test_set_preset_replaces_the_files_shape_and_explicit_sets_still_win():
     assert cfg.vocab_size == 400 and cfg.max_length == 64  # not shape fields: the file's values stay
     cfg = load_config(SMALL, ["model.num_layers=2", "model.preset=pythia-160m-shape", "model.hidden_size=96"]).model
     assert (cfg.family, cfg.num_layers, cfg.hidden_size, cfg.num_heads) == ("gpt_neox", 2, 96, 12)
+    assert load_config(SMALL, ["model.preset=null"]).model == file_shape  # clearing a preset keeps the file's shape
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
