@@ -83,7 +83,10 @@ class ModelConfig(_Section):
     tie_embeddings: bool = Field(False, description="Share the input embedding and the output head.")
     vocab_size: int = Field(1024, ge=300, le=1_000_000, description="BPE vocabulary trained on the corpus.")
     max_length: int = Field(96, ge=16, le=131_072, description="Tokens per prompt+response sequence.")
-    lora_rank: int | None = Field(None, ge=1, description="Wrap the model with PEFT LoRA of this rank.")
+    lora_rank: int | None = Field(
+        None, ge=1, description="Fine-tune a PEFT LoRA adapter of this rank instead of all weights: influence then "
+                                "tracks the adapter maps (EK-FAC/K-FAC), the correction trains the adapter, and model "
+                                "folders hold the merged weights plus the adapter (hf/adapter).")
     dtype: Literal["float32", "bfloat16", "float64"] = "float32"
     device: str = "cpu"
 
@@ -240,7 +243,9 @@ class CorrectionConfig(_Section):
     monitor_prompts: int = Field(32, ge=1, description="Held-out benign prompts per guard check.")
     max_utility_drop: float = Field(0.10, ge=0, le=1.0, description="Stop when held-out utility drops more than this.")
     max_kl: float = Field(2.0, gt=0, description="Stop when KL to the reference on benign prompts exceeds this.")
-    lora_rank: int | None = Field(None, ge=1)
+    lora_rank: int | None = Field(
+        None, ge=1, description="Train a fresh LoRA adapter of this rank (merged at the end) instead of all weights; "
+                                "not with model.lora_rank, whose adapter the correction trains.")
     seed: int = Field(0, ge=0, le=SEED_MAX)
 
 
@@ -310,6 +315,15 @@ class LancetConfig(_Section):
             raise ValueError(f"name: {self.output_dir}/{self.name} resolves to "
                              f"{Path(self.output_dir, self.name).resolve()}, outside output_dir {base}; "
                              "expected a run folder inside output_dir")
+        return self
+
+    @model_validator(mode="after")
+    def _one_adapter(self) -> LancetConfig:
+        if self.model.lora_rank and self.correction.lora_rank:
+            raise ValueError(
+                f"model.lora_rank ({self.model.lora_rank}) and correction.lora_rank ({self.correction.lora_rank}) "
+                "are both set: a LoRA model's correction trains the model's own adapter; set only one "
+                "(correction.lora_rank adds an adapter to a fully fine-tuned model)")
         return self
 
     @model_validator(mode="after")
@@ -449,8 +463,25 @@ def format_validation_error(err: ValidationError) -> str:
     return "invalid configuration:\n" + "\n".join(lines)
 
 
+#: ModelConfig fields a preset sets (lancet_core/models/presets.py).
+SHAPE_FIELDS = ("family", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                "tie_embeddings")
+
+
+def _preset_override_replaces_shape(tree: dict, overrides: list[str] | None) -> dict:
+    """``--set model.preset=X`` replaces the file's shape: its ``model.hidden_size`` etc. are dropped
+    (the preset fills them), while shape fields set by other ``--set`` items still win. Without
+    this a config file's small shape (every shipped config sets one) silently overrode the preset."""
+    sets = dict(item.split("=", 1) for item in overrides or [] if "=" in item)
+    preset = next((_parse_scalar(v) for k, v in sets.items() if k.strip() == "model.preset"), None)
+    model = tree.get("model")
+    if preset not in PRESETS or not isinstance(model, dict):  # model.preset=null keeps the file's shape
+        return tree
+    return {**tree, "model": {k: v for k, v in model.items() if k not in SHAPE_FIELDS}}
+
+
 def build_config(tree: dict | None = None, overrides: list[str] | None = None) -> LancetConfig:
-    tree = apply_overrides(dict(tree or {}), overrides)
+    tree = apply_overrides(_preset_override_replaces_shape(dict(tree or {}), overrides), overrides)
     try:
         return LancetConfig.model_validate(tree)
     except ValidationError as err:

@@ -13,9 +13,10 @@ import transformers as T
 
 from lancet_core.influence.architectures import (SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError, linear_maps,
                                                  sublayer_maps)
-from lancet_core.influence.hooks import (ActivationRecorder, additive_deltas, response_logprob, sequence_gradients,
-                                         trim_padding)
 from lancet_core.models.encoding import EncodedBatch
+
+from _grad_checks import assert_close, autograd_linear, check_hooks_against_autograd, hooked_gradients, row
+from _grad_checks import padded_batch as _padded_batch
 
 VOCAB = 48
 
@@ -38,53 +39,7 @@ def tiny_model(family: str, **extra) -> torch.nn.Module:
 
 def padded_batch(n: int = 4, width: int = 11, seed: int = 0) -> EncodedBatch:
     """Right-padded rows of different lengths; labels on the response part only."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor([width, width - 4, width - 2, width - 5, width - 1, width - 3][:n])
-    ids = torch.randint(3, VOCAB, (n, width), generator=g)
-    mask = (torch.arange(width)[None] < lengths[:, None]).long()
-    ids[mask == 0] = 0
-    labels = ids.clone()
-    labels[:, :3] = -100
-    labels[mask == 0] = -100
-    return EncodedBatch(ids, mask, labels)
-
-
-def row(batch: EncodedBatch, i: int) -> EncodedBatch:
-    return trim_padding(batch.slice(i, i + 1))
-
-
-def hooked_gradients(model, maps, batch) -> list[torch.Tensor]:
-    """Per map ``[B, o, c]`` per-sequence gradients of log p(response) from the hooks."""
-    with ActivationRecorder(model, maps) as rec:
-        pairs = rec.gradients(response_logprob(rec.forward(batch), batch.labels))
-    mask = batch.attention_mask.bool()
-    for a, g in pairs:
-        assert not a[~mask].any() and not g[~mask].any(), "padding leaked into a or g"
-    return [sequence_gradients(a, g) for a, g in pairs]
-
-
-def autograd_linear(model, maps, seq) -> list[torch.Tensor]:
-    """Per map ``[o, c]`` gradient in the hooks' layout, from a plain backward pass."""
-    params = [p for m in maps for p in m.parameters()]
-    grads = iter(torch.autograd.grad(response_logprob(model(**seq.as_model_inputs()).logits, seq.labels), params))
-    out = []
-    for m in maps:
-        w = next(grads)
-        w = w.T if m.weight_in_out else w
-        out.append(torch.cat([w, next(grads)[:, None]], dim=1) if m.has_bias else w)
-    return out
-
-
-def autograd_virtual(model, maps, seq) -> list[torch.Tensor]:
-    deltas = [torch.zeros(m.d_out, m.cols, requires_grad=True) for m in maps]
-    with additive_deltas(maps, deltas):
-        f = response_logprob(model(**seq.as_model_inputs()).logits, seq.labels)
-    return list(torch.autograd.grad(f, deltas))
-
-
-def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    scale = want.abs().max().item() + 1e-12
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5 * scale, msg=lambda m: f"{what}: {m}")
+    return _padded_batch(n, width, seed, vocab=VOCAB)
 
 
 FAMILIES = [("llama", {}), ("qwen2", {}), ("qwen3", {}), ("mistral", {}), ("gpt_neox", {"use_parallel_residual": True}),
@@ -95,15 +50,8 @@ FAMILIES = [("llama", {}), ("qwen2", {}), ("qwen3", {}), ("mistral", {}), ("gpt_
 def test_hook_gradients_equal_autograd(family, extra):
     model = tiny_model(family, **extra)
     batch = padded_batch()
-    for maps, truth in ((linear_maps(model), autograd_linear), (sublayer_maps(model), autograd_virtual)):
-        batched = hooked_gradients(model, maps, batch)
-        for i in range(len(batch)):
-            seq = row(batch, i)
-            want = truth(model, maps, seq)
-            alone = hooked_gradients(model, maps, seq)
-            for k, m in enumerate(maps):
-                assert_close(batched[k][i], want[k], f"{family} {m.name} seq {i} (padded batch)")
-                assert_close(alone[k][0], want[k], f"{family} {m.name} seq {i} (batch of one)")
+    for maps in (linear_maps(model), sublayer_maps(model)):
+        check_hooks_against_autograd(model, maps, batch, family)
     # the recorder restores what it touched
     assert all(p.requires_grad for p in model.parameters()) and not model.training
 

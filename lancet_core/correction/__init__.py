@@ -108,13 +108,15 @@ def default_base_model_factory(cfg: LancetConfig, tokenizer) -> Callable[[], Any
     """Rebuild the model the contaminated one was fine-tuned from, as the model stage does."""
 
     def build():
-        from lancet_core.models.loading import build_tiny_llama, load_model
+        from lancet_core.models.loading import build_model, load_model, wrap_lora
         from lancet_core.models.sft import seed_everything
 
         seed_everything(cfg.training.seed)
         if cfg.model.name_or_path:
-            return load_model(cfg.model.name_or_path, cfg.model.model_copy(update={"lora_rank": None}))
-        return build_tiny_llama(cfg.model, tokenizer).to(cfg.model.device)
+            model = load_model(cfg.model.name_or_path, cfg.model.model_copy(update={"lora_rank": None}))
+        else:
+            model = build_model(cfg.model, tokenizer).to(cfg.model.device)
+        return wrap_lora(model, cfg.model.lora_rank) if cfg.model.lora_rank else model
 
     return build
 

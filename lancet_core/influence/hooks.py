@@ -9,7 +9,7 @@ the parameters during its passes and makes the embedding output require grad ins
 autograd builds only the activation-gradient graph (cheaper, and nothing lands in ``.grad``).
 
 Padding is masked out of ``a`` and ``g``: padded positions contribute nothing to gradients,
-covariances or token counts.
+covariances or token counts. Batches are re-aligned to right padding first (:func:`right_padded`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,25 @@ def first_tensor(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def right_padded(batch: EncodedBatch) -> EncodedBatch:
+    """The same rows with every real token moved to the front (order kept), padding after it.
+
+    The models are given no position ids, so a left-padded row would be read at shifted
+    positions (other rotary phases, other learned positions): its gradients, and hence its
+    scores, would depend on how much padding it got. Re-aligned, a row's result does not
+    depend on its padding side or amount (tests/test_influence_invariance.py)."""
+    mask = batch.attention_mask.bool()
+    prefix = torch.arange(mask.shape[1], device=mask.device)[None] < mask.sum(1, keepdim=True)
+    if torch.equal(mask, prefix):
+        return batch
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # real tokens first, in order
+    return EncodedBatch(batch.input_ids.gather(1, order), batch.attention_mask.gather(1, order),
+                        batch.labels.gather(1, order))
+
+
 def trim_padding(batch: EncodedBatch) -> EncodedBatch:
-    """Drop columns that are padding in every row (right padding): shorter sequences, same result."""
+    """Right-align the rows, then drop columns that are padding in every row: shorter sequences, same result."""
+    batch = right_padded(batch)
     width = int(batch.attention_mask.sum(1).max().item()) if len(batch) else 0
     return EncodedBatch(batch.input_ids[:, :width], batch.attention_mask[:, :width], batch.labels[:, :width])
 

@@ -12,7 +12,7 @@ class ModelLoadError(LancetUserError, RuntimeError):
     """A model or tokenizer could not be loaded; the message says which and why."""
 
 
-def _has_safetensors(path: Path) -> bool:
+def has_safetensors(path: Path) -> bool:
     return any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))
 
 
@@ -26,7 +26,7 @@ def check_model_folder(name_or_path: str, allow_pickle: bool = False) -> bool:
         raise ModelLoadError(f"model path {local} is a file; expected a Hugging Face model folder")
     if not (local / "config.json").exists():
         raise ModelLoadError(f"model folder {local} has no config.json; expected save_pretrained output")
-    if not _has_safetensors(local) and not allow_pickle:
+    if not has_safetensors(local) and not allow_pickle:
         raise ModelLoadError(
             f"model folder {local} has no .safetensors weights; pickled checkpoints can run code on "
             "load and are refused (pass allow_pickle=True only for a file you trust)"

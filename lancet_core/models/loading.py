@@ -8,7 +8,9 @@ Security: weights load from safetensors only unless ``allow_pickle=True`` is pas
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaF
 
 from lancet_core.config import ModelConfig
 # Re-exported: callers import ModelLoadError from here.
-from lancet_core.models.folder import ModelLoadError, check_model_folder  # noqa: F401
+from lancet_core.models.folder import ModelLoadError, check_model_folder, has_safetensors  # noqa: F401
 from lancet_core.models.presets import PRESETS
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -60,9 +62,31 @@ def build_tiny_llama(cfg: ModelConfig, tokenizer) -> LlamaForCausalLM:
     return build_model(cfg, tokenizer)
 
 
+def _saved_tokenizer_class(name_or_path: str):
+    """The tokenizer class a local folder's ``tokenizer_config.json`` names, or None.
+
+    AutoTokenizer prefers the *model's* family when the folder holds a ``config.json``: a
+    corpus-trained BPE tokenizer saved beside a Qwen2-shaped model came back as a
+    Qwen2Tokenizer with an extra ``<|endoftext|>`` token (one more id than the embedding
+    table). Loading the saved class keeps the tokenizer that was trained.
+    """
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    config = Path(name_or_path) / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        name = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError):
+        return None  # AutoTokenizer reports the damaged file
+    return tokenizer_class_from_name(name) if isinstance(name, str) else None
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        saved = _saved_tokenizer_class(name_or_path)
+        loader: Any = saved if saved is not None else AutoTokenizer
+        tok = loader.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers raises many types; the user needs one message
         raise ModelLoadError(f"could not load tokenizer {name_or_path!r}: {err}") from None
     if tok.pad_token is None:
@@ -98,6 +122,44 @@ def wrap_lora(model, rank: int):
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0))
 
 
+#: Sub-folder of a model folder holding the PEFT adapter (``adapter_model.safetensors`` and its
+#: config) of a LoRA model; the folder's own weights are the merged ones, usable without PEFT.
+ADAPTER_DIR = "adapter"
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
+
+
+def attach_adapter(model, model_dir: str | Path):
+    """``model`` (loaded from ``model_dir``'s *merged* weights) as the PEFT model that was saved:
+    the adapter of ``model_dir/adapter`` is loaded trainable and un-merged from the base weights,
+    so the result computes what the merged model computes (up to float rounding) and its
+    adapter maps are what influence tracks and what a correction trains."""
+    from peft import PeftModel
+
+    adapter = Path(model_dir) / ADAPTER_DIR
+    if not (adapter / "adapter_config.json").is_file() or not has_safetensors(adapter):
+        raise ModelLoadError(f"model folder {model_dir}: expected a PEFT adapter (adapter_config.json and "
+                             f"safetensors) in {adapter}")
+    try:
+        peft_model: Any = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    except Exception as err:
+        raise ModelLoadError(f"could not load the LoRA adapter {adapter}: {err}") from None
+    from peft.tuners.lora import LoraLayer
+
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer):
+                module.merged_adapters = list(module.active_adapters)  # what the saved weights hold
+                module.unmerge()
+    return peft_model
+
+
+def has_adapter(model_dir: str | Path) -> bool:
+    return (Path(model_dir) / ADAPTER_DIR / "adapter_config.json").is_file()
+
+
 def check_tokenizer_matches(model, tokenizer) -> None:
     """A tokenizer with more ids than the model's embedding table indexes out of range deep in torch."""
     n_embed = model.get_input_embeddings().num_embeddings
@@ -119,9 +181,16 @@ def check_finite_weights(model, source: str) -> None:
 
 
 def save_model(model, tokenizer, path: str | Path) -> Path:
+    """A Hugging Face folder (safetensors). A PEFT (LoRA) model is saved as its merged weights --
+    loadable by anyone without PEFT -- plus its adapter in ``path/adapter`` (:func:`attach_adapter`)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
+    if is_peft(model):
+        model.save_pretrained(path / ADAPTER_DIR, safe_serialization=True)
+        merged = copy.deepcopy(model).merge_and_unload()  # the caller's model keeps its adapter
+        merged.save_pretrained(path, safe_serialization=True)
+    else:
+        model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
 

@@ -45,7 +45,8 @@ def seed_everything(seed: int) -> None:
 
 
 def response_nll(model, batch: EncodedBatch) -> torch.Tensor:
-    """Mean negative log-likelihood over response tokens of the batch."""
+    """Mean negative log-likelihood over response tokens of the batch (moved to the model's device)."""
+    batch = batch.to(next(model.parameters()).device)
     out = model(**batch.as_model_inputs())
     logp, mask = shifted_token_logprobs(out.logits, batch.labels)
     return -logp.sum() / mask.sum().clamp(min=1)
@@ -54,9 +55,10 @@ def response_nll(model, batch: EncodedBatch) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_nll(model, data: EncodedBatch, batch_size: int = 64) -> float:
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(data), batch_size):
-        b = data.slice(start, start + batch_size)
+        b = data.slice(start, start + batch_size).to(device)
         out = model(**b.as_model_inputs())
         logp, mask = shifted_token_logprobs(out.logits, b.labels)
         total += -logp.sum().item()

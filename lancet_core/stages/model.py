@@ -1,7 +1,9 @@
 """Stage 2 - model: train the (contaminated) model on the training table, or load one by name.
 
 With ``model.name_or_path`` unset, a byte-level BPE tokenizer is trained on the corpus and a
-tiny Llama is fine-tuned on the training table. With a hub name or folder, that model is
+model built from ``model``'s shape fields (the tiny Llama, or a ``model.preset``) is
+fine-tuned on the training table. With ``model.lora_rank`` only a LoRA adapter is trained;
+the folder holds the merged weights plus the adapter (``hf/adapter``). With a hub name or folder, that model is
 loaded (safetensors only, ``trust_remote_code`` off unless configured) and fine-tuned the
 same way. The result is a Hugging Face folder; its content checksum keys every later stage.
 """
@@ -16,7 +18,7 @@ import pandas as pd
 from lancet_core.config import LancetConfig
 from lancet_core.models.loading import (
     build_model, check_finite_weights, check_tokenizer_matches, folder_checksum, load_model, load_tokenizer,
-    save_model,
+    attach_adapter, has_adapter, save_model, wrap_lora,
 )
 from lancet_core.models.sft import seed_everything, train_sft
 from lancet_core.models.tokenizer import train_tokenizer
@@ -57,7 +59,9 @@ def model_stage(cfg: LancetConfig, data_dir: str | Path, data_digest: str, force
                 check_supported(model)
         else:
             tokenizer = train_tokenizer(_corpus(tables), cfg.model.vocab_size)
-            model = build_model(cfg.model, tokenizer)
+            model = build_model(cfg.model, tokenizer).to(cfg.model.device)
+            if cfg.model.lora_rank:  # as load_model does for a hub/local model
+                model = wrap_lora(model, cfg.model.lora_rank)
         train, held = tables["train"], tables["heldout"]
         result = train_sft(model, tokenizer, train["prompt"].tolist(), train["response"].tolist(),
                            held["prompt"].tolist(), held["response"].tolist(), cfg.training,
@@ -76,10 +80,16 @@ def model_stage(cfg: LancetConfig, data_dir: str | Path, data_digest: str, force
 
 
 def load_trained(model_dir: str | Path, cfg: LancetConfig):
-    """(model, tokenizer) from a stage folder, through the same from_pretrained path as hub models."""
+    """(model, tokenizer) from a stage folder, through the same from_pretrained path as hub models.
+
+    A LoRA model's folder (``model.lora_rank``) comes back as the PEFT model it was saved from
+    (merged weights, adapter re-attached): influence tracks its adapter maps and a correction
+    trains the adapter."""
     tokenizer = load_tokenizer(str(model_dir), cfg.model.trust_remote_code)
     model = load_model(str(model_dir), cfg.model.model_copy(update={"lora_rank": None}))
     check_tokenizer_matches(model, tokenizer)
     check_finite_weights(model, f"folder {model_dir}")
+    if has_adapter(model_dir):
+        model = attach_adapter(model, model_dir)
     model.eval()
     return model, tokenizer
