@@ -82,7 +82,14 @@ class ModelConfig(_Section):
     intermediate_size: int = Field(256, ge=8, le=262_144)
     tie_embeddings: bool = Field(False, description="Share the input embedding and the output head.")
     vocab_size: int = Field(1024, ge=300, le=1_000_000, description="BPE vocabulary trained on the corpus.")
-    max_length: int = Field(96, ge=16, le=131_072, description="Tokens per prompt+response sequence.")
+    max_length: int = Field(96, ge=16, le=131_072, description="Tokens per prompt+response sequence. `auto` (in "
+                                                                  "YAML or --set) sets max_length_auto.")
+    # Real data (issue 12 item 7): the length from the data and the model's positions.
+    max_length_auto: bool = Field(
+        False, description="Pick max_length in the model stage: the max_length_quantile of the tokenized training "
+                           "lengths, capped by the model's positions (lancet_core/models/lengths.py); later stages "
+                           "read the chosen value from the model folder.")
+    max_length_quantile: float = Field(0.95, gt=0.0, le=1.0, description="max_length_auto: quantile kept whole.")
     lora_rank: int | None = Field(None, ge=1, description="Wrap the model with PEFT LoRA of this rank.")
     dtype: Literal["float32", "bfloat16", "float64"] = "float32"
     device: str = "cpu"
@@ -119,6 +126,9 @@ class ModelConfig(_Section):
         # checks below see the preset's shape) and an explicitly set field still wins.
         if isinstance(data, dict) and data.get("preset") in PRESETS:
             data = {**PRESETS[data["preset"]].shape_fields(), **data}
+        if isinstance(data, dict) and data.get("max_length") in ("auto", None) and "max_length" in data:
+            # `max_length: auto`: the number stays a placeholder until the model stage picks it.
+            data = {**{k: v for k, v in data.items() if k != "max_length"}, "max_length_auto": True}
         return data
 
     @model_validator(mode="after")

@@ -7,12 +7,16 @@ are comparable by construction.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 
 from lancet_core.config import LancetConfig
 from lancet_core.evaluation.metrics import distinct_n, exact_match, rate
 from lancet_core.models.generation import generate
+
+log = logging.getLogger(__name__)
 
 
 def probe_generations(model, tokenizer, probes: pd.DataFrame, cfg: LancetConfig, progress: bool = False) -> pd.DataFrame:
@@ -21,7 +25,12 @@ def probe_generations(model, tokenizer, probes: pd.DataFrame, cfg: LancetConfig,
         probes = probes.iloc[: cfg.evaluation.max_probe_prompts]
     prompts = probes["prompt"].tolist()
     frames = []
-    greedy = generate(model, tokenizer, prompts, cfg.generation, progress=progress)
+    stats: dict = {}
+    greedy = generate(model, tokenizer, prompts, cfg.generation, progress=progress, stats=stats)
+    # Which prompts generation cut from the left to fit the model's positions (same for every decoding).
+    cut = np.zeros(len(prompts), dtype=bool)
+    cut[stats.get("truncated", [])] = True
+    probes = probes.assign(prompt_truncated=cut)
     frames.append(probes.assign(response=greedy, decoding="greedy"))
     for k in range(cfg.evaluation.n_sampled):
         sampled = generate(model, tokenizer, prompts, cfg.generation, sample=True, seed=cfg.seed + k)
@@ -72,6 +81,12 @@ def evaluate_behaviour(model, tokenizer, tables: dict[str, pd.DataFrame], detect
     gens["unsafe_prob"] = detector.score(gens["prompt"].tolist(), gens["response"].tolist())
     gens["unsafe"] = gens["unsafe_prob"] >= detector.threshold
     metrics = harm_metrics(gens)
+    greedy = gens[gens["decoding"] == "greedy"]
+    metrics["probe_prompts_truncated"] = int(greedy["prompt_truncated"].sum()) if "prompt_truncated" in gens else 0
+    if metrics["probe_prompts_truncated"]:
+        log.warning("probe: %d of %d probe prompts were longer than the model's positions leave for "
+                    "generation.max_new_tokens=%d and were cut from the left (column prompt_truncated)",
+                    metrics["probe_prompts_truncated"], len(greedy), cfg.generation.max_new_tokens)
     metrics.update(utility_metrics(model, tokenizer, tables["qa_eval"], tables["howto_eval"], cfg))
     benign = tables["qa_eval"]["prompt"].tolist() + tables["howto_eval"]["prompt"].tolist()
     diversity_prompts = benign + tables["probes"]["prompt"].tolist()
