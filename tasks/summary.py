@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from lancet_core.config import LancetConfig, redact
 
 #: The behaviour metrics shown in before/after tables.
-SUMMARY_METRICS = ("unsafe_rate_seen", "unsafe_rate_unseen", "utility", "distinct2", "unsafe_rate")
+SUMMARY_METRICS = ("unsafe_rate_seen", "unsafe_rate_unseen", "utility", "distinct2", "unsafe_rate", "heldout_nll",
+                   "probe_prompts_truncated")
 
 
 def stage_metrics(payload: dict[str, Any] | None) -> dict[str, Any]:

@@ -1,5 +1,11 @@
 """Probe a model and measure its behaviour: harm on seen/unseen probes, utility, diversity.
 
+Utility is measured twice: greedy exact match on the evaluation QA/how-to sets (``utility``,
+the embedded world's), and the mean response-token NLL of the held-out safe responses
+(``heldout_nll``; HH-RLHF's chosen replies), which exists on real data where exact match of
+free text is ~0. ``probe_prompts_truncated`` counts the probe prompts generation cut from the
+left to fit the model's positions.
+
 The same function grades the contaminated model (the *before* column, whose unsafe outputs
 become the influence queries) and every corrected model (the *after* column), so the two
 are comparable by construction.
@@ -14,6 +20,8 @@ import pandas as pd
 
 from lancet_core.config import LancetConfig
 from lancet_core.evaluation.metrics import distinct_n, exact_match, rate
+from lancet_core.evaluation.reference import heldout_nll
+from lancet_core.evaluation.selection import evaluation_heldout
 from lancet_core.models.generation import generate
 
 log = logging.getLogger(__name__)
@@ -91,4 +99,6 @@ def evaluate_behaviour(model, tokenizer, tables: dict[str, pd.DataFrame], detect
     benign = tables["qa_eval"]["prompt"].tolist() + tables["howto_eval"]["prompt"].tolist()
     diversity_prompts = benign + tables["probes"]["prompt"].tolist()
     metrics.update(diversity_metrics(model, tokenizer, diversity_prompts, cfg))
+    # Utility that exists on real data (free text: exact match ~0): NLL of held-out safe responses.
+    metrics["heldout_nll"] = heldout_nll(model, tokenizer, evaluation_heldout(tables), cfg.model.max_length)
     return metrics, gens
