@@ -42,7 +42,7 @@ from tasks import tracking
 
 log = logging.getLogger(__name__)
 
-VERSION = "1"
+VERSION = "2"
 CANDIDATE, CHAMPION = "candidate", "champion"
 TAG_CHECKSUM, TAG_PATH, TAG_METRICS, TAG_EVAL = "lancet_checksum", "lancet_local_path", "lancet_metrics", "lancet_eval_key"
 TAG_GATE, TAG_REASON = "lancet_gate", "lancet_gate_reason"

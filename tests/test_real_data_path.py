@@ -183,3 +183,10 @@ def test_model_stage_picks_and_stores_the_length_for_later_stages(tmp_path):
         (tmp_path / "bare").mkdir()
         (tmp_path / "bare" / "config.json").write_text("{}")
         with_model_length(cfg, tmp_path / "bare")
+
+
+def test_the_hh_config_is_capped_and_sizes_its_lengths_from_the_data(tmp_path):
+    cfg = load_config(ROOT / "configs" / "hh.yaml", [f"output_dir={tmp_path}"])
+    assert cfg.data.source == "hh-rlhf" and Path(cfg.data.path_or_name).name == HH.name
+    assert cfg.data.max_samples is not None and cfg.data.max_samples <= 500 and cfg.model.max_length_auto
+    assert cfg.name == "lancet-hh"
