@@ -92,7 +92,7 @@ def evaluate_behaviour(model, tokenizer, tables: dict[str, pd.DataFrame], detect
     greedy = gens[gens["decoding"] == "greedy"]
     metrics["probe_prompts_truncated"] = int(greedy["prompt_truncated"].sum()) if "prompt_truncated" in gens else 0
     if metrics["probe_prompts_truncated"]:
-        log.warning("probe: %d of %d probe prompts were longer than the model's positions leave for "
+        log.warning("probe: %d of %d probe prompts were longer than the room the model's positions leave beside "
                     "generation.max_new_tokens=%d and were cut from the left (column prompt_truncated)",
                     metrics["probe_prompts_truncated"], len(greedy), cfg.generation.max_new_tokens)
     metrics.update(utility_metrics(model, tokenizer, tables["qa_eval"], tables["howto_eval"], cfg))
