@@ -142,6 +142,13 @@ def test_the_guard_watches_heldout_nll_when_exact_match_is_zero(hh):
     ref = frozen_copy(model)
     mon = DivergenceMonitor(tok, benign, ref, max_utility_drop=0.1, max_kl=1e9, max_length=256,
                             gen_cfg=GenerationConfig(max_new_tokens=4))
+    # Long free-text answers: at most half the 128 positions, so generation leaves room for the prompt.
+    train = hh["tables"]["train"]
+    long = train.loc[[train["chosen_response"].str.len().idxmax()], ["prompt", "chosen_response"]]
+    assert len(tok(long["chosen_response"].iloc[0])["input_ids"]) > 64
+    wide = DivergenceMonitor(tok, long.rename(columns={"chosen_response": "response"}), ref, max_utility_drop=0.1,
+                             max_kl=1e9, max_length=256)
+    assert wide.gen_cfg.max_new_tokens == 64
     start = mon.start(model)
     assert start.utility == 0.0 and mon.measure == "heldout_nll" and mon.utility_guarded
     assert math.isfinite(start.nll) and start.nll > 0

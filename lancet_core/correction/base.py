@@ -63,7 +63,7 @@ from lancet_core.correction.checkpoint import write_last_good
 from lancet_core.evaluation.metrics import exact_match
 from lancet_core.evaluation.reference import kl_to_reference, reference_responses
 from lancet_core.models.encoding import EncodedBatch, encode_pairs, sequence_logprob
-from lancet_core.models.generation import generate
+from lancet_core.models.generation import generate, model_positions
 from lancet_core.models.sft import evaluate_nll, response_nll, seed_everything
 
 log = logging.getLogger(__name__)
@@ -254,8 +254,11 @@ class DivergenceMonitor:
         self.max_utility_drop, self.max_kl = max_utility_drop, max_kl
         longest = max((len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in self.answers), default=8)
         gen_cfg = gen_cfg or GenerationConfig()
-        # Long enough for every known answer (+ slack to see run-ons), no longer: checks stay cheap.
-        self.gen_cfg = gen_cfg.model_copy(update={"max_new_tokens": int(min(max(longest + 4, 8), 256))})
+        # Long enough for every known answer (+ slack to see run-ons), no longer: checks stay cheap;
+        # and at most half the model's positions, so a long free-text answer leaves room for its prompt.
+        positions = model_positions(reference)
+        cap = 256 if positions is None else max(1, min(256, positions // 2))
+        self.gen_cfg = gen_cfg.model_copy(update={"max_new_tokens": int(min(max(longest + 4, 8), cap))})
         self.ref_responses: list[str] | None = None
         self.start_utility: float = float("nan")
         self.start_nll: float = float("nan")
