@@ -28,6 +28,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.sharded import sharded_influence
 from lancet_core.config import LancetConfig
+from lancet_core.models.lengths import with_model_length
 from lancet_core.run_request import RunRequest
 from tasks import stages
 from tasks.orchestration import (
@@ -124,6 +125,7 @@ def correction_pipeline(cfg: LancetConfig):
         digest = data["outputs"]["digest"]
         trained = run.stage("model", stages.train_model, data_dir=data["path"], data_digest=digest)
         model = {"model_dir": trained["outputs"]["model_dir"], "checksum": trained["outputs"]["checksum"]}
+        run.cfg = cfg = with_model_length(cfg, model["model_dir"])  # model.max_length: auto, as chosen
         probe = run.stage("probe", stages.detect_unsafe, data_dir=data["path"], data_digest=digest,
                           model_dir=model["model_dir"], model_checksum=model["checksum"], model_key=trained["key"],
                           name="probe")

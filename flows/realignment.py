@@ -18,6 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.correction import DEFAULT_CONFIG, DEFAULT_REQUEST, FLOW_VERSION, correct_from
 from lancet_core.config import LancetConfig
+from lancet_core.models.lengths import with_model_length
 from lancet_core.run_request import RunRequest
 from tasks import registry, stages
 from tasks.orchestration import NO_CHAMPION, FlowRun, final_state, flow_run, realignment_config
@@ -68,6 +69,7 @@ def realign(run: FlowRun, champ: dict[str, Any]) -> None:
     local = registry.materialize_champion(cfg, champ)
     run.summary.champion = {**run.summary.champion, "source": local["source"]}
     model = {"model_dir": local["model_dir"], "checksum": local["checksum"]}
+    run.cfg = cfg = with_model_length(cfg, model["model_dir"])  # model.max_length: auto, as the champion's
     probe = run.stage("probe", stages.detect_unsafe, data_dir=data["path"], data_digest=data["outputs"]["digest"],
                       model_dir=model["model_dir"], model_checksum=model["checksum"], name="champion_probe")
     before = stage_metrics(probe)

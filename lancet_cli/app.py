@@ -139,7 +139,8 @@ def print_summary(summary: dict[str, Any], cfg: LancetConfig) -> None:
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     table.add_column("change", justify="right")
-    for key in ("unsafe_rate_seen", "unsafe_rate_unseen", "unsafe_rate", "utility", "distinct2"):
+    for key in ("unsafe_rate_seen", "unsafe_rate_unseen", "unsafe_rate", "utility", "heldout_nll", "distinct2",
+                "probe_prompts_truncated"):
         b, a = before.get(key), after.get(key)
         change = f"{a - b:+.3f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) else ""
         table.add_row(key, _fmt(b), _fmt(a), change)

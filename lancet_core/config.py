@@ -82,7 +82,14 @@ class ModelConfig(_Section):
     intermediate_size: int = Field(256, ge=8, le=262_144)
     tie_embeddings: bool = Field(False, description="Share the input embedding and the output head.")
     vocab_size: int = Field(1024, ge=300, le=1_000_000, description="BPE vocabulary trained on the corpus.")
-    max_length: int = Field(96, ge=16, le=131_072, description="Tokens per prompt+response sequence.")
+    max_length: int = Field(96, ge=16, le=131_072, description="Tokens per prompt+response sequence. `auto` (in "
+                                                                  "YAML or --set) sets max_length_auto.")
+    # Real data (issue 12 item 7): the length from the data and the model's positions.
+    max_length_auto: bool = Field(
+        False, description="Pick max_length in the model stage: the max_length_quantile of the tokenized training "
+                           "lengths, capped by the model's positions (lancet_core/models/lengths.py); later stages "
+                           "read the chosen value from the model folder.")
+    max_length_quantile: float = Field(0.95, gt=0.0, le=1.0, description="max_length_auto: quantile kept whole.")
     lora_rank: int | None = Field(
         None, ge=1, description="Fine-tune a PEFT LoRA adapter of this rank instead of all weights: influence then "
                                 "tracks the adapter maps (EK-FAC/K-FAC), the correction trains the adapter, and model "
@@ -122,6 +129,9 @@ class ModelConfig(_Section):
         # checks below see the preset's shape) and an explicitly set field still wins.
         if isinstance(data, dict) and data.get("preset") in PRESETS:
             data = {**PRESETS[data["preset"]].shape_fields(), **data}
+        if isinstance(data, dict) and data.get("max_length") in ("auto", None) and "max_length" in data:
+            # `max_length: auto`: the number stays a placeholder until the model stage picks it.
+            data = {**{k: v for k, v in data.items() if k != "max_length"}, "max_length_auto": True}
         return data
 
     @model_validator(mode="after")
@@ -284,7 +294,10 @@ class OrchestrationConfig(_Section):
 
 class LancetConfig(_Section):
     # One path component: the run folder is <output_dir>/<name>, so ".." or "a/b" would write elsewhere.
-    name: str = Field("lancet-demo", pattern=r"^[A-Za-z0-9_.-]+$", max_length=128)
+    name: str = Field("lancet-world", pattern=r"^[A-Za-z0-9_.-]+$", max_length=128,
+                      description="Run folder <output_dir>/<name> and default MLflow experiment. Unset: derived "
+                                  "from the data (lancet-world, lancet-<file stem or hub name>), so a run without "
+                                  "a config never writes into a named config's folder (the demo's is lancet-demo).")
     seed: int = Field(0, ge=0, le=SEED_MAX)
     output_dir: str = Field("outputs", min_length=1, description="Relative to the working folder, or absolute.")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -298,6 +311,13 @@ class LancetConfig(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_from_data(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("name") is None:
+            data = {**data, "name": default_run_name(data.get("data"))}
+        return data
 
     @field_validator("name")
     @classmethod
@@ -364,6 +384,22 @@ class LancetConfig(_Section):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_yaml())
         return path
+
+
+def default_run_name(data: Any) -> str:
+    """The name of a run whose config names none: ``lancet-world`` for the embedded world, else
+    ``lancet-<source>-<file stem or hub name>`` (``lancet-hh-rlhf-harmless-base`` for
+    ``data/hh-rlhf-harmless-base.jsonl.gz``; the source is not repeated when the stem starts with it)."""
+    data = data if isinstance(data, dict) else {}
+    source = str(data.get("source") or "world")
+    where = data.get("path_or_name")
+    if source == "world" or not isinstance(where, str) or not where.strip():
+        return f"lancet-{re.sub(r'[^A-Za-z0-9_.-]+', '_', source)}"
+    stem = Path(where.rstrip("/")).name if Path(where).suffix or Path(where).exists() else where
+    for suffix in (".gz", ".jsonl", ".json", ".parquet"):
+        stem = stem[: -len(suffix)] if stem.lower().endswith(suffix) else stem
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._") or "data"
+    return f"lancet-{stem if stem.startswith(source) else f'{source}-{stem}'}"[:128]
 
 
 _SECRET_IN_URI = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@")

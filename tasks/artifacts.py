@@ -18,9 +18,9 @@ from prefect.cache_policies import NO_CACHE
 from lancet_core.config import LancetConfig
 from lancet_core.influence.views import top_table
 
-from tasks.summary import SUMMARY_METRICS
+from tasks.summary import NOTHING_TO_CORRECT, SUMMARY_METRICS
 
-VERSION = "2"
+VERSION = "3"
 
 
 def artifact_key(text: str) -> str:
@@ -51,8 +51,9 @@ def summary_markdown(summary: dict[str, Any], run_url: str | None) -> str:
     kind = "re-alignment" if "realign" in str(summary.get("flow", "")) else "correction"
     lines = [f"# LANCET {kind}: `{summary.get('name', '')}`", ""]
     before, after = summary.get("before") or {}, summary.get("after") or {}
-    if summary.get("nothing_to_correct"):
-        lines += [f"**Nothing to correct.** {_md_escape(summary.get('reason', ''))}", ""]
+    reason = str(summary.get("reason", ""))
+    if summary.get("nothing_to_correct"):  # the reason begins "nothing to correct: ": said once
+        lines += [f"**Nothing to correct:** {_md_escape(reason.removeprefix(NOTHING_TO_CORRECT))}", ""]
     elif not before:  # stopped before probing anything (no champion to check): the reason is the news
         lines += [f"**{_md_escape(summary.get('reason', ''))}**", ""]
     lines += _links({"MLflow run": run_url, "influence report (per unsafe output, the training samples behind it)":
@@ -64,7 +65,10 @@ def summary_markdown(summary: dict[str, Any], run_url: str | None) -> str:
     if inf:
         lines += ["", f"**Influence** ({_md_escape(inf.get('method'))}): recall@k {_fmt(inf.get('recall_at_k'))}, "
                       f"AUROC {_fmt(inf.get('auroc'))}, {inf.get('n_queries')} queries"]
-    lines += ["", f"**Promoted:** {'yes' if summary.get('promoted') else 'no'} - {_md_escape(summary.get('reason', ''))}"]
+    if summary.get("nothing_to_correct"):
+        lines += ["", "**Promoted:** no (nothing was corrected)"]
+    else:
+        lines += ["", f"**Promoted:** {'yes' if summary.get('promoted') else 'no'} - {_md_escape(reason)}"]
     timings = summary.get("timings_s") or {}
     if timings:
         lines += ["", "| stage | seconds | cached |", "|---|---|---|"]

@@ -7,7 +7,9 @@
 * :func:`promotion_decision` is the gate (a pure function): the candidate becomes champion
   only when its harmful rate drops by at least ``evaluation.harm_margin`` (relative) and
   its utility and diversity (distinct-2) stay within ``evaluation.utility_tolerance`` /
-  ``evaluation.diversity_tolerance`` (relative) of the baseline. The baseline is the current
+  ``evaluation.diversity_tolerance`` (relative) of the baseline. Utility is exact match when the
+  baseline has some (the world), else the held-out NLL of safe responses (real data; may rise by
+  at most the tolerance). A check that cannot be computed refuses promotion, with the reason. The baseline is the current
   champion measured on the same evaluation set; with no champion yet, it is the
   contaminated model's *before* metrics.
 * :func:`promotion_gate` applies the decision: moves ``champion`` or leaves the model as
@@ -40,7 +42,7 @@ from tasks import tracking
 
 log = logging.getLogger(__name__)
 
-VERSION = "1"
+VERSION = "2"
 CANDIDATE, CHAMPION = "candidate", "champion"
 TAG_CHECKSUM, TAG_PATH, TAG_METRICS, TAG_EVAL = "lancet_checksum", "lancet_local_path", "lancet_metrics", "lancet_eval_key"
 TAG_GATE, TAG_REASON = "lancet_gate", "lancet_gate_reason"
@@ -76,12 +78,35 @@ def _num(v: Any) -> float | None:
 
 
 def _within(name: str, base: float | None, cand: float | None, tol: float) -> tuple[bool, str]:
+    # A check that cannot be computed refuses: a candidate is never promoted on a skipped check.
     if base is None or cand is None:
-        return True, f"{name} not measured (skipped)"
+        return False, f"{name} not measured ({base_or_cand(base, cand)}): cannot judge it, so no promotion"
     floor = base * (1.0 - tol)
     ok = cand >= floor - 1e-12
     change = (cand - base) / base if base else 0.0
     return ok, (f"{name} {base:.3f} -> {cand:.3f} ({change:+.0%}, allowed -{tol:.0%})")
+
+
+def base_or_cand(base: float | None, cand: float | None) -> str:
+    return " and ".join(w for w, v in (("baseline", base), ("candidate", cand)) if v is None) + " missing"
+
+
+def _utility_check(baseline: dict[str, Any], candidate: dict[str, Any], tol: float) -> tuple[bool, str]:
+    """Exact-match utility when the baseline has some; else the held-out NLL of safe responses
+    (real data: free text is never matched exactly); neither measurable = refused."""
+    from lancet_core.correction.base import MIN_GUARDED_UTILITY
+
+    bu, cu = _num(baseline.get("utility")), _num(candidate.get("utility"))
+    if bu is not None and bu >= MIN_GUARDED_UTILITY:
+        return _within("utility", bu, cu, tol)
+    bn, cn = _num(baseline.get("heldout_nll")), _num(candidate.get("heldout_nll"))
+    why = "no exact-match utility" if bu is None else f"exact-match utility {bu:.3f} < {MIN_GUARDED_UTILITY}"
+    if bn is None or cn is None or bn <= 0:
+        return False, (f"utility not measured ({why}; held-out NLL {base_or_cand(bn, cn)}): cannot judge it, "
+                       "so no promotion")
+    ceiling = bn * (1.0 + tol)
+    return cn <= ceiling + 1e-12, (f"held-out NLL {bn:.3f} -> {cn:.3f} ({(cn - bn) / bn:+.0%}, allowed +{tol:.0%}; "
+                                   f"the utility measure: {why})")
 
 
 def promotion_decision(candidate: dict[str, Any], baseline: dict[str, Any], ev: EvaluationConfig,
@@ -101,6 +126,9 @@ def promotion_decision(candidate: dict[str, Any], baseline: dict[str, Any], ev: 
     if correction.get("applicable") is False:
         return GateDecision(False, f"kept as candidate: the correction method was not applicable "
                                    f"({correction.get('stopped_reason')})", checks)
+    guard = (correction.get("info") or {}).get("utility_guard")
+    if isinstance(guard, str) and guard.startswith("off"):
+        return GateDecision(False, f"kept as candidate: the correction ran without a utility guard ({guard})", checks)
     if hb is None or hc is None:
         return GateDecision(False, "harmful rate missing from the metrics; cannot judge", checks)
     if hb <= 0.0:
@@ -109,8 +137,7 @@ def promotion_decision(candidate: dict[str, Any], baseline: dict[str, Any], ev: 
     checks["harm_drop"] = drop
     harm_ok = drop >= ev.harm_margin - 1e-12
     harm_msg = f"harmful rate {hb:.3f} -> {hc:.3f} ({-drop:+.0%}, needs -{ev.harm_margin:.0%})"
-    util_ok, util_msg = _within("utility", _num(baseline.get("utility")), _num(candidate.get("utility")),
-                                ev.utility_tolerance)
+    util_ok, util_msg = _utility_check(baseline, candidate, ev.utility_tolerance)
     div_ok, div_msg = _within("distinct2", _num(baseline.get("distinct2")), _num(candidate.get("distinct2")),
                               ev.diversity_tolerance)
     checks.update(harm_ok=harm_ok, utility_ok=util_ok, diversity_ok=div_ok)

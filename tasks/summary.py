@@ -14,7 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from lancet_core.config import LancetConfig, redact
 
 #: The behaviour metrics shown in before/after tables.
-SUMMARY_METRICS = ("unsafe_rate_seen", "unsafe_rate_unseen", "utility", "distinct2", "unsafe_rate")
+#: How the reason of a run with no unsafe output begins (printers say it once, not twice).
+NOTHING_TO_CORRECT = "nothing to correct: "
+SUMMARY_METRICS = ("unsafe_rate_seen", "unsafe_rate_unseen", "utility", "distinct2", "unsafe_rate", "heldout_nll",
+                   "probe_prompts_truncated")
 
 
 def stage_metrics(payload: dict[str, Any] | None) -> dict[str, Any]:
@@ -88,7 +91,7 @@ class RunSummary(BaseModel):
                             "shards_reused": sh["shards_reused"], "shards_total": sh["shards_total"]}
         if att["queries"]["outputs"].get("nothing_to_correct") or "rank" not in att:
             self.nothing_to_correct = True
-            self.reason = f"nothing to correct: no unsafe output among {probe['outputs'].get('n_generations', '?')} probe generations"
+            self.reason = f"{NOTHING_TO_CORRECT}no unsafe output among {probe['outputs'].get('n_generations', '?')} probe generations"
             return False
         metrics = dict(att["rank"]["outputs"].get("metrics", {}) or {})
         self.influence = {

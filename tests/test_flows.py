@@ -118,8 +118,18 @@ def test_prefect_yaml_parses_and_every_entrypoint_imports(monkeypatch):
      False, "distinct2"),
     ({"unsafe_rate": 0.1, "utility": 0.77, "distinct2": 0.48}, {"unsafe_rate": 0.4, "utility": 0.80, "distinct2": 0.5},
      True, "promoted"),  # within the 5% tolerances
+    # A check that cannot be computed refuses (never a silent skip), naming what is missing.
     ({"unsafe_rate": 0.1, "utility": math.nan, "distinct2": 0.5}, {"unsafe_rate": 0.4, "utility": math.nan,
-                                                                   "distinct2": 0.5}, True, "not measured"),
+                                                                   "distinct2": 0.5}, False, "utility not measured"),
+    ({"unsafe_rate": 0.1, "utility": 0.8}, {"unsafe_rate": 0.4, "utility": 0.8, "distinct2": 0.5}, False,
+     "distinct2 not measured (candidate missing)"),
+    # Real data: exact match 0 at the start, so the held-out NLL of safe responses is the utility.
+    ({"unsafe_rate": 0.1, "utility": 0.0, "heldout_nll": 4.1, "distinct2": 0.5},
+     {"unsafe_rate": 0.4, "utility": 0.0, "heldout_nll": 4.0, "distinct2": 0.5}, True, "held-out NLL 4.000 -> 4.100"),
+    ({"unsafe_rate": 0.1, "utility": 0.0, "heldout_nll": 4.4, "distinct2": 0.5},
+     {"unsafe_rate": 0.4, "utility": 0.0, "heldout_nll": 4.0, "distinct2": 0.5}, False, "held-out NLL 4.000 -> 4.400"),
+    ({"unsafe_rate": 0.1, "utility": 0.0, "distinct2": 0.5},
+     {"unsafe_rate": 0.4, "utility": 0.0, "heldout_nll": 4.0, "distinct2": 0.5}, False, "utility not measured"),
     ({"unsafe_rate": 0.0, "utility": 0.8, "distinct2": 0.5}, {"unsafe_rate": 0.0, "utility": 0.8, "distinct2": 0.5},
      False, "nothing to improve"),
     ({"utility": 0.8}, {"unsafe_rate": 0.4}, False, "missing"),
@@ -143,6 +153,11 @@ def test_gate_refuses_a_correction_stopped_by_the_guard():
     na = promotion_decision(*good, ev, "before", {"applicable": False, "stopped_reason": "not applicable: no pairs"})
     assert not na.promote and "not applicable" in na.reason
     assert promotion_decision(*good, ev, "before", {"stopped_by_guard": False, "applicable": True}).promote
+    off = promotion_decision(*good, ev, "before", {"applicable": True, "info": {
+        "utility_guard": "off: no held-out rows to guard utility on"}})
+    assert not off.promote and "without a utility guard" in off.reason and "no held-out rows" in off.reason
+    nll = {"applicable": True, "info": {"utility_guard": "heldout_nll"}}
+    assert promotion_decision(*good, ev, "before", nll).promote
 
 
 def test_harm_rate_falls_back_to_seen_unseen_mean():

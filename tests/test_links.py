@@ -226,3 +226,13 @@ def test_lancet_run_uses_prefect_api_url_when_set(fake_run, monkeypatch):
         lines, used = fake_run()
     assert lines[0] == f"Prefect server: {url} (PREFECT_API_URL)"
     assert used["api"] == url and not used.get("temporary")
+
+
+def test_nothing_to_correct_is_said_once_in_the_summary_artifact():
+    from tasks.artifacts import summary_markdown
+
+    md = summary_markdown({"name": "hh", "flow": "lancet-correction", "nothing_to_correct": True,
+                           "before": {"unsafe_rate": 0.0},
+                           "reason": "nothing to correct: no unsafe output among 46 probe generations"}, None)
+    assert md.lower().count("nothing to correct") == 1 and "no unsafe output among 46 probe generations" in md
+    assert "**Promoted:** no (nothing was corrected)" in md

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+import yaml
+from pathlib import Path
 
 from lancet_core.config import ConfigError, LancetConfig, build_config, load_config
 
@@ -81,4 +83,26 @@ def test_non_utf8_yaml_is_one_clear_error(tmp_path):
 
 
 def test_defaults_still_valid():
-    assert LancetConfig().name == "lancet-demo"
+    assert LancetConfig().name == "lancet-world"
+
+
+@pytest.mark.parametrize("data, name", [
+    ({}, "lancet-world"),
+    ({"source": "hh-rlhf", "path_or_name": "data/hh-rlhf-harmless-base.jsonl.gz"}, "lancet-hh-rlhf-harmless-base"),
+    ({"source": "hh-rlhf", "path_or_name": "Anthropic/hh-rlhf"}, "lancet-hh-rlhf-Anthropic_hh-rlhf"),
+    ({"source": "generic", "path_or_name": "/x/my rows.parquet", "columns": {"prompt": "q"}},
+     "lancet-generic-my_rows"),
+])
+def test_a_run_without_a_config_name_gets_its_own_folder_and_experiment(tmp_path, data, name):
+    from tasks.tracking.client import experiment_name
+
+    demo = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml",
+                       [f"output_dir={tmp_path}"])
+    sets = [f"output_dir={tmp_path}"] + [f"data.{k}={v}" for k, v in data.items() if k != "columns"]
+    cfg = load_config(None, sets + [f"data.columns.{k}={v}" for k, v in data.get("columns", {}).items()])
+    assert cfg.name == name
+    assert cfg.run_dir() != demo.run_dir() and experiment_name(cfg) != experiment_name(demo)
+    assert cfg.run_dir() == (tmp_path / name).resolve() and experiment_name(cfg) == name
+    # A name given (file or --set) wins; the derived one survives a round trip through the saved YAML.
+    assert load_config(None, sets + ["name=mine"]).name == "mine"
+    assert LancetConfig.model_validate(yaml.safe_load(cfg.to_yaml())).name == name

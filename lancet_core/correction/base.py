@@ -33,8 +33,12 @@ A non-finite loss or gradient norm stops the run at once (``non_finite_loss``), 
 bad step is applied. A stopped run restores the weights of the last check that passed (step
 0 is the starting model) and reports the reason; a run that finishes ends on a passing check,
 so the returned model is always one the guard accepted. When the held-out answers are not
-exact (free-text datasets) the starting utility is ~0, the utility guard is reported
-inactive and the KL guard remains.
+exact (free-text datasets: exact match at the start below ``MIN_GUARDED_UTILITY``), utility is
+the mean response-token NLL of the same held-out safe responses instead (HH-RLHF's chosen
+replies), and a relative *rise* of more than ``cfg.max_utility_drop`` stops the run
+(``utility_drop``). ``info["utility_guard"]`` says which measure guarded the run
+(``exact_match``, ``heldout_nll``) or ``off: <why>`` when none could be computed; the
+promotion gate refuses a candidate whose utility guard was off.
 
 Models are corrected in place (no hidden copy of the policy); callers that need the original
 keep their own copy.
@@ -59,8 +63,8 @@ from lancet_core.correction.checkpoint import write_last_good
 from lancet_core.evaluation.metrics import exact_match
 from lancet_core.evaluation.reference import kl_to_reference, reference_responses
 from lancet_core.models.encoding import EncodedBatch, encode_pairs, sequence_logprob
-from lancet_core.models.generation import generate
-from lancet_core.models.sft import response_nll, seed_everything
+from lancet_core.models.generation import generate, model_positions
+from lancet_core.models.sft import evaluate_nll, response_nll, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -217,10 +221,11 @@ class MonitorCheck:
     kl: float
     ok: bool
     reason: str | None = None
+    nll: float = float("nan")  # held-out safe-response NLL (measured when it is the utility measure)
 
     def record(self) -> dict:
         return {"event": "check", "step": self.step, "utility": self.utility, "kl": self.kl, "ok": self.ok,
-                "reason": self.reason}
+                "reason": self.reason, "nll": self.nll}
 
 
 def _monitor_rows(heldout: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
@@ -249,15 +254,27 @@ class DivergenceMonitor:
         self.max_utility_drop, self.max_kl = max_utility_drop, max_kl
         longest = max((len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in self.answers), default=8)
         gen_cfg = gen_cfg or GenerationConfig()
-        # Long enough for every known answer (+ slack to see run-ons), no longer: checks stay cheap.
-        self.gen_cfg = gen_cfg.model_copy(update={"max_new_tokens": int(min(max(longest + 4, 8), 256))})
+        # Long enough for every known answer (+ slack to see run-ons), no longer: checks stay cheap;
+        # and at most half the model's positions, so a long free-text answer leaves room for its prompt.
+        positions = model_positions(reference)
+        cap = 256 if positions is None else max(1, min(256, positions // 2))
+        self.gen_cfg = gen_cfg.model_copy(update={"max_new_tokens": int(min(max(longest + 4, 8), cap))})
         self.ref_responses: list[str] | None = None
         self.start_utility: float = float("nan")
+        self.start_nll: float = float("nan")
         self.utility_guarded = False
+        self.measure = "off: not started"
 
     def utility(self, model) -> float:
         preds = generate(model, self.tokenizer, self.prompts, self.gen_cfg)
         return exact_match(preds, self.answers)
+
+    def nll(self, model) -> float:
+        """Mean response-token NLL of the held-out safe answers (teacher-forced: one forward pass)."""
+        if not self.prompts:
+            return float("nan")
+        batch = encode_pairs(self.tokenizer, self.prompts, self.answers, self.max_length)
+        return float(evaluate_nll(model, batch.to(next(model.parameters()).device)))
 
     def kl(self, model) -> float:
         if self.ref_responses is None:
@@ -267,21 +284,41 @@ class DivergenceMonitor:
 
     def start(self, model) -> MonitorCheck:
         self.start_utility = self.utility(model)
-        self.utility_guarded = self.start_utility >= MIN_GUARDED_UTILITY
-        if not self.utility_guarded:
-            log.warning("correction monitor: held-out exact match at the start is %.3f; the utility guard is "
-                        "inactive (free-text answers?), the KL guard stays on", self.start_utility)
-        return MonitorCheck(0, self.start_utility, self.kl(model), True)
+        if self.start_utility >= MIN_GUARDED_UTILITY:
+            self.measure, self.utility_guarded = "exact_match", True
+            return MonitorCheck(0, self.start_utility, self.kl(model), True)
+        self.start_nll = self.nll(model)
+        if math.isfinite(self.start_nll) and self.start_nll > 0:
+            self.measure, self.utility_guarded = "heldout_nll", True
+            log.warning("correction monitor: held-out exact match at the start is %.3f (free-text answers); the "
+                        "utility guard watches the NLL of the %d held-out safe responses instead (%.3f at the start; "
+                        "stops when it rises more than %.0f%%)", self.start_utility, len(self.prompts),
+                        self.start_nll, 100 * self.max_utility_drop)
+        else:
+            self.measure = f"off: held-out exact match {self.start_utility:.3f} and no finite held-out NLL"
+            log.warning("correction monitor: no utility measure (%s); the KL guard stays on and the promotion gate "
+                        "will refuse the candidate", self.measure)
+        return MonitorCheck(0, self.start_utility, self.kl(model), True, nll=self.start_nll)
 
     def relative_drop(self, utility: float) -> float:
+        """Relative loss of utility since the start: exact match falling, or held-out NLL rising."""
         if not self.utility_guarded:
             return 0.0
+        if self.measure == "heldout_nll":
+            return (utility - self.start_nll) / self.start_nll
         return (self.start_utility - utility) / self.start_utility
 
     def check(self, model, step: int) -> MonitorCheck:
         kl = self.kl(model)
         if not math.isfinite(kl):
             return MonitorCheck(step, float("nan"), kl, False, STOP_NON_FINITE)
+        if self.measure == "heldout_nll":
+            nll = self.nll(model)
+            ok = math.isfinite(nll) and self.relative_drop(nll) <= self.max_utility_drop
+            chk = MonitorCheck(step, float("nan"), kl, ok, None if ok else STOP_UTILITY, nll=nll)
+            if not ok or kl <= self.max_kl:
+                return chk
+            return MonitorCheck(step, float("nan"), kl, False, STOP_KL, nll=nll)
         utility = self.utility(model)
         if self.relative_drop(utility) > self.max_utility_drop:
             return MonitorCheck(step, utility, kl, False, STOP_UTILITY)
@@ -371,8 +408,8 @@ class CorrectionTrainer:
         assert self.monitor is not None  # called only when _setup_monitor built one
         chk = self.monitor.check(self.model, step)
         self.history.append(chk.record())
-        log.info("correction %s step %d: utility %.3f kl %.4f %s", self.method, step, chk.utility, chk.kl,
-                 "ok" if chk.ok else chk.reason)
+        log.info("correction %s step %d: utility %.3f nll %.3f kl %.4f %s", self.method, step, chk.utility, chk.nll,
+                 chk.kl, "ok" if chk.ok else chk.reason)
         return chk
 
     def finalize_model(self):
@@ -401,6 +438,13 @@ class CorrectionTrainer:
             self.history.append(chk.record())
             self.info["start_utility"] = chk.utility
             self.info["utility_guarded"] = self.monitor.utility_guarded
+            self.info["utility_guard"] = self.monitor.measure
+            if math.isfinite(chk.nll):
+                self.info["start_heldout_nll"] = chk.nll
+        else:
+            self.info.update(utility_guarded=False, utility_guard="off: no held-out rows to guard utility on")
+            log.warning("correction %s: no held-out rows: no utility guard; the promotion gate will refuse the "
+                        "candidate", self.method)
         every = max(1, int(self.ctx.monitor_every))
         steps_per_epoch = math.ceil(n / cfg.batch_size)
         self.info.update(n_items=n, n_retain=len(self.retain) if self.retain else 0,

@@ -49,13 +49,15 @@ SHOW = ["method", "harm_seen", "harm_unseen", "harm_planted", "utility", "qa_acc
 def prepare(cfg: LancetConfig) -> dict:
     """Tables and the contaminated model, through the cached data and model stages."""
     from lancet_core.stages.data import data_stage, load_tables
+    from lancet_core.models.lengths import with_model_length
     from lancet_core.stages.model import load_trained, model_stage
 
     data = data_stage(cfg)
     tables = load_tables(data.path)
     model_res = model_stage(cfg, data.path, data["digest"])
+    cfg = with_model_length(cfg, model_res["model_dir"])
     model, tokenizer = load_trained(model_res["model_dir"], cfg)
-    return {"tables": tables, "model": model, "tokenizer": tokenizer, "model_dir": model_res["model_dir"],
+    return {"cfg": cfg, "tables": tables, "model": model, "tokenizer": tokenizer, "model_dir": model_res["model_dir"],
             "model_checksum": model_res.outputs.get("checksum")}
 
 
@@ -127,6 +129,7 @@ def compare(cfg: LancetConfig, methods: list[str] | None = None, ranking: str = 
     if unknown:
         raise ValueError(f"unknown methods {unknown}; expected some of {ALL_METHODS}")
     prep = prepare(cfg)
+    cfg = prep["cfg"]  # model.max_length as the model stage resolved it
     tables, model, tok = prep["tables"], prep["model"], prep["tokenizer"]
     detector = build_detector(cfg.detector)
     if ranking == "project":

@@ -4,7 +4,9 @@
   tokens of the *reference's own greedy responses* to benign prompts. It is the full
   next-token KL (a sum over the vocabulary at every position), not a single-sample
   estimate, so it is exactly 0 for an unchanged model and never negative.
-* :func:`perplexity` -- ``exp`` of the mean response-token NLL on held-out safe responses.
+* :func:`perplexity` -- ``exp`` of the mean response-token NLL on held-out safe responses;
+  :func:`heldout_nll` the mean NLL itself on :func:`safe_pairs` of a held-out table: the
+  utility measure that exists on real data, where greedy exact match of free text is ~0.
 
 Both count response tokens only (the ``labels`` convention of
 :mod:`lancet_core.models.encoding`). The correction monitor (``lancet_core.correction.base``)
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import torch
 
 from lancet_core.config import GenerationConfig
@@ -80,3 +83,33 @@ def perplexity(model, tokenizer, prompts: list[str], responses: list[str], max_l
         return math.exp(nll)
     except OverflowError:
         return float("inf")
+
+
+def safe_pairs(table: pd.DataFrame | None) -> pd.DataFrame:
+    """The (prompt, safe response) pairs of a held-out table.
+
+    A preference dataset's row (HH-RLHF) holds the *rejected* reply as ``response`` (what is
+    studied) and the human-preferred one as ``chosen_response``: the safe pair is the chosen one
+    (rows without it are left out). Rows a dataset marks unsafe (``is_safe`` False) are left out;
+    the embedded world's held-out rows are benign as they are.
+    """
+    empty = pd.DataFrame({"prompt": pd.Series(dtype=str), "response": pd.Series(dtype=str)})
+    if table is None or not len(table):
+        return empty
+    if "chosen_response" in table.columns:
+        table = table[table["chosen_response"].notna()].assign(response=lambda t: t["chosen_response"])
+    if "is_safe" in table.columns:
+        table = table[table["is_safe"].fillna(True).astype(bool)]
+    table = table.dropna(subset=["prompt", "response"])
+    table = table[table["response"].astype(str).str.strip() != ""]
+    return table.reset_index(drop=True) if len(table) else empty
+
+
+def heldout_nll(model, tokenizer, table: pd.DataFrame | None, max_length: int, batch_size: int = 32) -> float:
+    """Mean response-token NLL of the safe held-out pairs (:func:`safe_pairs`); ``nan`` when there is none."""
+    pairs = safe_pairs(table)
+    if not len(pairs):
+        return float("nan")
+    data = encode_pairs(tokenizer, pairs["prompt"].astype(str).tolist(), pairs["response"].astype(str).tolist(),
+                        max_length)
+    return float(evaluate_nll(model, data.to(next(model.parameters()).device), batch_size=batch_size))

@@ -8,7 +8,8 @@ rows use every QA template, ``QA_TEMPLATES[kind][0]`` included, which is ``qa_ev
 So the split is built here and checked to be disjoint (``tests/test_ibo.py``):
 
 * ``benign`` -- held-out rows whose prompt is not an evaluation prompt (QA, how-to, probe;
-  compared after case/space normalisation), plus, on the embedded world, every how-to topic
+  compared after case/space normalisation; a preference dataset's rows with their *chosen*
+  reply, :func:`lancet_core.evaluation.reference.safe_pairs`), plus, on the embedded world, every how-to topic
   under :data:`SELECTION_TEMPLATES` (phrasings used nowhere else: not in training, not in
   any probe, not in the evaluation sets). The how-to answers share the "Sure! Step 1"
   template with the harmful compliance a correction removes: they are the class most at
@@ -28,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from lancet_core.evaluation.metrics import distinct_n, exact_match, normalise_answer, rate
+from lancet_core.evaluation.reference import safe_pairs
 
 # Phrasings of neither the training data nor the probes nor the evaluation sets.
 SELECTION_TEMPLATES = [
@@ -60,9 +62,25 @@ def without_evaluation_prompts(table: pd.DataFrame, tables: dict[str, pd.DataFra
 
 
 def _is_world(tables: dict[str, pd.DataFrame]) -> bool:
+    # A dataset's tables get kind/planted columns and p- probe ids too (stages/data.py): the
+    # world's own sample ids (w-...) tell them apart, or real data would be "selected" on the
+    # world's how-to answers, which its model never saw (exact match 0, the guard silenced).
     train = tables.get("train")
     return train is not None and {"kind", "planted"} <= set(train.columns) and "probe_id" in tables.get(
-        "probes", pd.DataFrame()).columns and tables["probes"]["probe_id"].astype(str).str.startswith("p-").all()
+        "probes", pd.DataFrame()).columns and tables["probes"]["probe_id"].astype(str).str.startswith("p-").all() \
+        and len(train) > 0 and train["sample_id"].astype(str).str.startswith("w-").all()
+
+
+def evaluation_heldout(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Held-out rows the evaluation's ``heldout_nll`` reads: those whose prompt is an evaluation
+    prompt (on a dataset: the probes' rows), disjoint from the selection split the guard reads;
+    all held-out rows when none is (the world's held-out prompts are mostly not evaluation ones)."""
+    held = tables.get("heldout")
+    if held is None or not len(held):
+        return pd.DataFrame({"prompt": pd.Series(dtype=str), "response": pd.Series(dtype=str)})
+    banned = evaluation_prompts(tables)
+    mask = held["prompt"].astype(str).map(normalise_answer).isin(banned)
+    return (held.loc[mask] if mask.any() else held).reset_index(drop=True)
 
 
 def selection_split(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
@@ -74,7 +92,8 @@ def selection_split(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     held = tables.get("heldout")
     parts = []
     if held is not None and len(held):
-        h = without_evaluation_prompts(held, tables)
+        # A preference dataset's held-out rows answer with the chosen (safe) reply, not the rejected one.
+        h = without_evaluation_prompts(safe_pairs(held) if "chosen_response" in held.columns else held, tables)
         cols = [c for c in ("prompt", "response", "kind") if c in h.columns]
         parts.append(h[cols].assign(source="heldout"))
     harmful = pd.DataFrame({"prompt": pd.Series(dtype=str), "category": pd.Series(dtype=str),

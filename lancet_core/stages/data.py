@@ -1,7 +1,8 @@
 """Stage 1 - data: the training table, held-out benign samples, probe prompts and eval sets.
 
 Writes parquet tables into ``<run>/data``. The embedded world also writes its ground-truth
-labels; real datasets get probes drawn from held-out prompts of the same file.
+labels; real datasets get probes drawn from held-out prompts of the same file (three quarters
+of the held-out rows; the last quarter is the correction guard's selection split).
 """
 
 from __future__ import annotations
@@ -47,10 +48,13 @@ def _dataset_tables(cfg: LancetConfig) -> dict[str, pd.DataFrame]:
     for col, default in (("kind", "data"), ("category", ""), ("family", ""), ("planted", False)):
         if col not in train:
             train[col] = default
-    # Probes: held-out prompts, so generation is not a memory test of the training set.
+    # Probes: held-out prompts, so generation is not a memory test of the training set. The last
+    # quarter of the held-out rows is no probe: the selection split the correction guard reads
+    # (lancet_core.evaluation.selection), disjoint from what the evaluation grades.
+    asked = heldout.iloc[: len(heldout) - len(heldout) // 4] if len(heldout) > 1 else heldout
     probes = pd.DataFrame({
-        "probe_id": [f"p-{i:05d}" for i in range(len(heldout))], "prompt": heldout["prompt"].tolist(),
-        "category": heldout.get("category", pd.Series([""] * len(heldout))).tolist(),
+        "probe_id": [f"p-{i:05d}" for i in range(len(asked))], "prompt": asked["prompt"].tolist(),
+        "category": asked.get("category", pd.Series([""] * len(asked))).tolist(),
         "family": "", "phrasing": "unseen", "planted_category": False,
     })
     empty = pd.DataFrame({"prompt": pd.Series(dtype=str), "answer": pd.Series(dtype=str)})

@@ -20,6 +20,9 @@ from lancet_core.models.loading import (
     build_model, check_finite_weights, check_tokenizer_matches, folder_checksum, load_model, load_tokenizer,
     attach_adapter, has_adapter, save_model, wrap_lora,
 )
+from lancet_core.models.generation import model_positions
+from lancet_core.models.lengths import CONFIG_KEY as LENGTH_KEY
+from lancet_core.models.lengths import resolve_max_length
 from lancet_core.models.sft import seed_everything, train_sft
 from lancet_core.models.tokenizer import train_tokenizer
 from lancet_core.stages.common import StageResult, run_stage, stage_inputs
@@ -57,22 +60,27 @@ def model_stage(cfg: LancetConfig, data_dir: str | Path, data_digest: str, force
                 from lancet_core.influence.architectures import check_supported
 
                 check_supported(model)
+        train, held = tables["train"], tables["heldout"]
+        pairs = (train["prompt"].astype(str).tolist(), train["response"].astype(str).tolist())
+        if cfg.model.name_or_path:
+            max_length, lengths = resolve_max_length(cfg.model, tokenizer, *pairs, positions=model_positions(model))
         else:
             tokenizer = train_tokenizer(_corpus(tables), cfg.model.vocab_size)
-            model = build_model(cfg.model, tokenizer).to(cfg.model.device)
+            # A model built here gets its positions from max_length (build_model), so the length comes first.
+            max_length, lengths = resolve_max_length(cfg.model, tokenizer, *pairs)
+            model = build_model(cfg.model.model_copy(update={"max_length": max_length}), tokenizer).to(cfg.model.device)
             if cfg.model.lora_rank:  # as load_model does for a hub/local model
                 model = wrap_lora(model, cfg.model.lora_rank)
-        train, held = tables["train"], tables["heldout"]
-        result = train_sft(model, tokenizer, train["prompt"].tolist(), train["response"].tolist(),
-                           held["prompt"].tolist(), held["response"].tolist(), cfg.training,
-                           cfg.model.max_length, state_dir=state_dir)
+        setattr(model.config, LENGTH_KEY, max_length)  # saved in config.json: what later stages read
+        result = train_sft(model, tokenizer, *pairs, held["prompt"].tolist(), held["response"].tolist(),
+                           cfg.training, max_length, state_dir=state_dir)
         check_finite_weights(model, f"after fine-tuning (training.lr={cfg.training.lr})")
         model_dir = save_model(model, tokenizer, out / "hf")
         shutil.rmtree(state_dir, ignore_errors=True)
         return {"n_params": sum(p.numel() for p in model.parameters()),
                 "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
                 "train_loss": result.train_losses[-1], "heldout_loss": min(result.heldout_losses),
-                "checksum": folder_checksum(model_dir)}
+                "checksum": folder_checksum(model_dir), "max_length": max_length, "lengths": lengths}
 
     res = run_stage(cfg.run_dir() / "model", inputs, compute, force=force)
     res.outputs["model_dir"] = str(Path(res.path) / "hf")
