@@ -47,8 +47,8 @@ def test_mlflow_links_follow_lancet_ui_to_its_port(state):
     assert mlflow_ui_url(cfg.tracking) == "http://127.0.0.1:5000"  # nothing recorded: `lancet ui`'s default
     write_marker("http://127.0.0.1:4210/api", "http://127.0.0.1:5123")  # a `lancet ui --mlflow-port 5123` (us)
     assert run_url(cfg, RUN_ID, experiment_id="7") == f"http://127.0.0.1:5123/#/experiments/7/runs/{RUN_ID}"
-    assert run_url(cfg, RUN_ID, "7", artifact="report/influence_report.html") == (
-        f"http://127.0.0.1:5123/#/experiments/7/runs/{RUN_ID}/artifacts/report/influence_report.html")
+    assert run_url(cfg, RUN_ID, "7", artifact="influence_report.html") == (
+        f"http://127.0.0.1:5123/#/experiments/7/runs/{RUN_ID}/artifacts/influence_report.html")
 
 
 def test_a_dead_lancet_ui_record_is_ignored(state):
@@ -98,8 +98,8 @@ def test_summary_artifact_links_the_mlflow_run_and_its_report():
     run = f"http://127.0.0.1:5123/#/experiments/7/runs/{RUN_ID}"
     md = summary_markdown({"name": "demo", "flow": "lancet-correction", "mlflow_run_id": RUN_ID,
                            "before": {"unsafe_rate": 0.2}, "after": {"unsafe_rate": 0.0}, "reason": "promoted",
-                           "mlflow_report_url": f"{run}/artifacts/report/influence_report.html"}, run)
-    assert f"]({run})" in md and f"]({run}/artifacts/report/influence_report.html)" in md
+                           "mlflow_report_url": f"{run}/artifacts/influence_report.html"}, run)
+    assert f"]({run})" in md and f"]({run}/artifacts/influence_report.html)" in md
     assert "| unsafe_rate | 0.200 | 0.000 |" in md
 
 
