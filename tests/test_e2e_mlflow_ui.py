@@ -145,14 +145,17 @@ def test_prefect_flow_run_shows_the_table_with_text_and_links_mlflow(stack, brow
     top = train.loc[scores.sort_values("rank")["sample_id"].iloc[0]]
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(summary["prefect_flow_run_url"])
-    page.get_by_role("tab", name="Artifacts").click(timeout=WAIT_MS)
-    page.get_by_text(f"{summary['name']}-top-influential", exact=False).first.click(timeout=WAIT_MS)
+    page.get_by_role("tablist").get_by_text("Artifacts", exact=True).click(timeout=WAIT_MS)
+    # the artifact is on this flow run (the one people open), not on a subflow
+    page.get_by_role("tabpanel").get_by_text(f"{summary['name']}-top-influential").first.click(timeout=WAIT_MS)
     # the table has text: the most influential sample's prompt and response, not empty cells
     page.get_by_text(str(top["prompt"])[:60], exact=False).first.wait_for(timeout=WAIT_MS)
     page.get_by_text(str(top["response"])[:60], exact=False).first.wait_for(timeout=WAIT_MS)
     page.screenshot(path=str(SHOTS / "prefect_top_influential.png"), full_page=True)
-    # its description links the MLflow run and the report; following the run link lands on the run page
-    page.locator(f'a[href="{summary["mlflow_report_url"]}"]').first.wait_for(state="attached", timeout=WAIT_MS)
-    page.locator(f'a[href="{summary["mlflow_run_url"]}"]').first.click(timeout=WAIT_MS)
+    # its description links the MLflow run and the report; the run link leads to the MLflow run page
+    assert page.get_by_role("link", name="MLflow run").first.get_attribute("href") == summary["mlflow_run_url"]
+    report = page.get_by_role("link", name="influence report", exact=False).first
+    assert report.get_attribute("href") == summary["mlflow_report_url"]
+    page.goto(summary["mlflow_run_url"])
     page.get_by_role("tab", name="Artifacts").wait_for(timeout=WAIT_MS)
     page.close()
