@@ -41,10 +41,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/influence.py --quick
 
-# The browser test needs Debian's chromium (Playwright's own browser download cannot work offline).
+# The browser test needs Debian's chromium (Playwright's own browser download cannot work offline);
+# its screenshots go to e2e-screenshots/.
 e2e: $(STAMP)
 	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m e2e
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m e2e; rc=$$?; echo "e2e screenshots: $(CURDIR)/e2e-screenshots/"; exit $$rc
 
 clean:
 	rm -rf outputs mlruns.db mlartifacts .pytest_cache

@@ -114,8 +114,7 @@ def use_local_prefect_server() -> tuple[str | None, str]:
     from lancet_cli.servers import lancet_ui_server
 
     url = lancet_ui_server()
-    if url:
-        os.environ["PREFECT_API_URL"] = url
+    if url:  # the caller points Prefect at it (servers.pointed_at): its settings were read at import
         return url, "the one a running `lancet ui`/`lancet server` recorded"
     return None, ("none: PREFECT_API_URL is unset and no `lancet ui`/`lancet server` runs, so a temporary one "
                   "is started for this run; its flow runs stay in the local Prefect database, where `lancet ui` "
@@ -195,11 +194,13 @@ def run(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> Non
 
     from lancet_core.runlock import run_lock
 
+    from lancet_cli.servers import pointed_at, temporary_prefect_server
+
     with ExitStack() as stack:
         stack.enter_context(run_lock(cfg.run_dir()))  # a second `lancet run` here is refused, naming this pid
-        if not server:
-            from lancet_cli.servers import temporary_prefect_server
-
+        if server:
+            stack.enter_context(pointed_at(server))  # Prefect's settings and os.environ (workers inherit)
+        else:
             server, pid = stack.enter_context(temporary_prefect_server(cfg.run_dir()))
             console.print(f"Prefect server: {escape(server)} (temporary, pid {pid}, stopped when this run ends)")
         summary = _run_flow(cfg)
@@ -349,11 +350,16 @@ def serve(config: Path | None = ConfigOpt, set_: list[str] | None = SetOpt) -> N
                       "(or set PREFECT_API_URL) to see and trigger the deployments[/]")
     else:
         console.print(f"Prefect server: {escape(server)} ({escape(source)})")
+    from contextlib import nullcontext
+
     from prefect import serve as prefect_serve
+
+    from lancet_cli.servers import pointed_at
 
     console.print(f"serving lancet-correction and lancet-realignment (config {escape(request.config)}, "
                   f"cron {escape(cfg.orchestration.cron)})")
-    prefect_serve(*deployments(request, cfg.orchestration.cron))
+    with pointed_at(server) if server else nullcontext():
+        prefect_serve(*deployments(request, cfg.orchestration.cron))
 
 
 # ------------------------------------------------------------------------------ ui

@@ -63,7 +63,7 @@ def _wait_healthy(proc: subprocess.Popen, url: str, log_path: Path, startup_time
 
 
 @contextmanager
-def _pointed_at(url: str, ui_url: str | None = None) -> Iterator[str]:
+def pointed_at(url: str, ui_url: str | None = None) -> Iterator[str]:
     """``PREFECT_API_URL`` = url (and ``PREFECT_UI_URL`` = ui_url, the base of flow-run links) in this
     process's Prefect settings and ``os.environ`` (children inherit)."""
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
@@ -135,7 +135,7 @@ def temporary_prefect_server(log_dir: str | Path, startup_timeout: float = 120.0
                                 preexec_fn=_die_with_parent)  # noqa: PLW1509 (no threads yet at this point)
         try:
             _wait_healthy(proc, url, log_path, startup_timeout)
-            with _pointed_at(url, None if os.environ.get("PREFECT_UI_URL") else default_prefect_ui()):
+            with pointed_at(url, None if os.environ.get("PREFECT_UI_URL") else default_prefect_ui()):
                 yield url, proc.pid
         finally:
             _stop(proc, timeout=10)
@@ -172,7 +172,7 @@ def prefect_server(home: str | Path, port: int | None = None, startup_timeout: f
                                  "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             _wait_healthy(proc, url, log_path, startup_timeout)
-            with _pointed_at(url):
+            with pointed_at(url):
                 yield url
         finally:
             _stop(proc, timeout=20)

@@ -60,7 +60,8 @@ class RunRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    config: str = Field("demo", description="The named config to run: a YAML file under configs/.",
+    config: str = Field("quickstart", description="The named config to run: a YAML file under configs/ "
+                                              "(quickstart: the whole story in under a minute; demo: the full demo).",
                         json_schema_extra=_choices)
     seed: int | None = Field(None, ge=0, le=SEED_MAX,
                              description="Seed of the whole pipeline (world, model, correction); another seed "

@@ -108,7 +108,9 @@ def flow_run(cfg: LancetConfig, flow_name: str) -> Iterator[FlowRun]:
         finish_run(cfg, parent, run.summary)
 
 
-REPORT_ARTIFACT = "report/influence_report.html"
+#: At the parent run's artifact root: run page -> Artifacts tab -> influence_report.html (two clicks;
+#: MLflow renders .html inline). In a folder it would take a third click to open the folder.
+REPORT_ARTIFACT = "influence_report.html"
 #: How a re-alignment that found no champion says so (flow-run state message, summary artifact).
 NO_CHAMPION = "no champion registered: nothing to check"
 
@@ -159,7 +161,7 @@ def finish_run(cfg: LancetConfig, parent_run_id: str | None, summary: RunSummary
         except Exception:  # a view must never fail a finished run
             log.exception("could not build the influence report")
             html = None
-        if html:  # MLflow shows .html artifacts inline: run page -> Artifacts -> report/influence_report.html
+        if html:  # MLflow shows .html artifacts inline: run page -> Artifacts -> influence_report.html
             parent.text(html, REPORT_ARTIFACT)
             summary.mlflow_report_url = tracking.run_url(cfg, parent_run_id, artifact=REPORT_ARTIFACT)
     parent.dict(summary.model_dump(mode="json"), "summary/summary.json")

@@ -44,3 +44,12 @@ def trained_world(tmp_path_factory):
     out = train_world_model(LancetConfig())
     out["model_dir"] = save_model(out["model"], out["tokenizer"], tmp_path_factory.mktemp("world_model") / "model")
     return out
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server (its own database) for the session's flow tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

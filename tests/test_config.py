@@ -119,7 +119,7 @@ def test_config_round_trips_through_json_like_the_prefect_form():
     assert cfg.section_hash("influence") != load_config(None, ["influence.damping=0.3"]).section_hash("influence")
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "small.yaml"])
+@pytest.mark.parametrize("name", ["quickstart.yaml", "demo.yaml", "small.yaml"])
 def test_shipped_configs_validate(name):
     cfg = load_config(ROOT / "configs" / name)
     assert cfg.tracking.tracking_uri.startswith("sqlite:///")

@@ -25,12 +25,7 @@ STAGES = ("data", "model", "probe", "queries", "fit", "rank", "correct", "evalua
 
 
 # ------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="session")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+# prefect_harness (a temporary Prefect server for the session): tests/conftest.py
 
 
 def small_config(work: Path, *overrides: str) -> LancetConfig:
@@ -249,8 +244,10 @@ def test_mlflow_tables_datasets_and_artifacts_load_back(runs, tmp_path):
     plots = {a.path for a in client.list_artifacts(rank_id, "plots")}
     assert "plots/influence_histogram.png" in plots and "plots/query_sample_heatmap.png" in plots
     assert "plots/harm_vs_utility.png" in {a.path for a in client.list_artifacts(s["mlflow_run_id"], "plots")}
-    # the per-unsafe-output report on the parent run: each query's prompt and its causing samples' text
-    report = Path(client.download_artifacts(s["mlflow_run_id"], "report/influence_report.html", str(tmp_path)))
+    # the per-unsafe-output report at the parent run's artifact root (run page -> Artifacts -> it: two
+    # clicks): each query's prompt and its causing samples' text
+    assert "influence_report.html" in {a.path for a in client.list_artifacts(s["mlflow_run_id"])}
+    report = Path(client.download_artifacts(s["mlflow_run_id"], "influence_report.html", str(tmp_path)))
     html = report.read_text()
     queries = pd.read_parquet(Path(s["stage_dirs"]["queries"]) / "queries.parquet")
     by_query = pd.read_parquet(Path(s["stage_dirs"]["rank"]) / "by_query.parquet")
@@ -318,7 +315,7 @@ def test_prefect_artifacts(runs):
     # the newest summary links the newest MLflow run and its influence report
     assert f"]({second['mlflow_run_url']})" in latest.data
     report = second["mlflow_report_url"]
-    assert report == f"{second['mlflow_run_url']}/artifacts/report/influence_report.html"
+    assert report == f"{second['mlflow_run_url']}/artifacts/influence_report.html"
     assert f"]({report})" in latest.data and f"]({report})" in table.description
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert list(rows[0])[:4] == ["rank", "sample_id", "prompt", "response"]

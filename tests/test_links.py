@@ -47,8 +47,8 @@ def test_mlflow_links_follow_lancet_ui_to_its_port(state):
     assert mlflow_ui_url(cfg.tracking) == "http://127.0.0.1:5000"  # nothing recorded: `lancet ui`'s default
     write_marker("http://127.0.0.1:4210/api", "http://127.0.0.1:5123")  # a `lancet ui --mlflow-port 5123` (us)
     assert run_url(cfg, RUN_ID, experiment_id="7") == f"http://127.0.0.1:5123/#/experiments/7/runs/{RUN_ID}"
-    assert run_url(cfg, RUN_ID, "7", artifact="report/influence_report.html") == (
-        f"http://127.0.0.1:5123/#/experiments/7/runs/{RUN_ID}/artifacts/report/influence_report.html")
+    assert run_url(cfg, RUN_ID, "7", artifact="influence_report.html") == (
+        f"http://127.0.0.1:5123/#/experiments/7/runs/{RUN_ID}/artifacts/influence_report.html")
 
 
 def test_a_dead_lancet_ui_record_is_ignored(state):
@@ -78,7 +78,7 @@ def test_ui_url_and_a_tracking_server_win_over_the_record(state):
 def test_prefect_flow_run_links_use_the_server_they_ran_on():
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
-    from lancet_cli.servers import _pointed_at
+    from lancet_cli.servers import pointed_at
     from tasks.tracking import prefect_flow_run_url
 
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4210/api"}):
@@ -87,7 +87,7 @@ def test_prefect_flow_run_links_use_the_server_they_ran_on():
         assert prefect_flow_run_url("abc") == "https://prefect.example/runs/flow-run/abc"
     # `lancet run`'s temporary server has no UI: its links point where `lancet ui` shows the same database
     before = os.environ.get("PREFECT_UI_URL")
-    with _pointed_at("http://127.0.0.1:9/api", "http://127.0.0.1:4200"):
+    with pointed_at("http://127.0.0.1:9/api", "http://127.0.0.1:4200"):
         assert prefect_flow_run_url("abc") == "http://127.0.0.1:4200/runs/flow-run/abc"
     assert os.environ.get("PREFECT_UI_URL") == before
 
@@ -98,8 +98,8 @@ def test_summary_artifact_links_the_mlflow_run_and_its_report():
     run = f"http://127.0.0.1:5123/#/experiments/7/runs/{RUN_ID}"
     md = summary_markdown({"name": "demo", "flow": "lancet-correction", "mlflow_run_id": RUN_ID,
                            "before": {"unsafe_rate": 0.2}, "after": {"unsafe_rate": 0.0}, "reason": "promoted",
-                           "mlflow_report_url": f"{run}/artifacts/report/influence_report.html"}, run)
-    assert f"]({run})" in md and f"]({run}/artifacts/report/influence_report.html)" in md
+                           "mlflow_report_url": f"{run}/artifacts/influence_report.html"}, run)
+    assert f"]({run})" in md and f"]({run}/artifacts/influence_report.html)" in md
     assert "| unsafe_rate | 0.200 | 0.000 |" in md
 
 
@@ -173,6 +173,8 @@ def stranger_server():
 @pytest.fixture
 def fake_run(tmp_path, monkeypatch, state):
     """`lancet run` with the flow and the temporary server replaced: what it prints, in order."""
+    import prefect.context  # noqa: F401  (Prefect's settings are read here, before `lancet run` looks, as in the CLI)
+
     import lancet_cli.app as cli
     import lancet_cli.servers as servers
     import lancet_core.preflight as preflight
@@ -188,7 +190,10 @@ def fake_run(tmp_path, monkeypatch, state):
         yield "http://127.0.0.1:1/api", 4242
 
     def flow(cfg):
+        from prefect.settings import get_current_settings
+
         used["api"] = os.environ.get("PREFECT_API_URL")
+        used["settings_api"] = get_current_settings().api.url  # what Prefect's client talks to
         return {"before": {}, "after": None, "reason": "test", "summary_path": "x"}
 
     monkeypatch.setattr(servers, "temporary_prefect_server", temporary)
@@ -217,6 +222,9 @@ def test_lancet_run_reports_to_the_server_lancet_ui_recorded(fake_run):
         lines, used = fake_run()
     assert lines[0] == f"Prefect server: {url} (the one a running `lancet ui`/`lancet server` recorded)"
     assert used["api"] == url and not used.get("temporary")
+    # Prefect's own settings too: they are read when prefect is imported, so the variable alone
+    # left the flow on an ephemeral server of its own (found by the browser test)
+    assert used["settings_api"] == url
 
 
 def test_lancet_run_uses_prefect_api_url_when_set(fake_run, monkeypatch):

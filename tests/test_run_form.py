@@ -40,13 +40,13 @@ def test_the_deployment_form_is_small_typed_and_described(entrypoint, monkeypatc
     for name, field in form.items():
         assert field.get("description"), name
         assert "default" in field, name
-    assert form["config"]["default"] == "demo"
-    assert form["config"]["enum"] == list(named_configs()) and {"demo", "small"} <= set(form["config"]["enum"])
+    assert form["config"]["default"] == "quickstart"
+    assert form["config"]["enum"] == list(named_configs()) and {"quickstart", "demo", "small"} <= set(form["config"]["enum"])
     assert form["overrides"]["default"] == [] and form["overrides"]["type"] == "array"
     methods = [s for s in form["influence_method"]["anyOf"] if s.get("enum")][0]["enum"]
     assert "linfac" in methods and "ekfac" in methods
     assert not any("cron" in name for name in form)  # schedule settings are not run parameters
-    assert schema["properties"]["request"]["default"]["config"] == "demo"
+    assert schema["properties"]["request"]["default"]["config"] == "quickstart"
     assert "named config" in schema["properties"]["request"]["description"]
 
 
@@ -64,7 +64,7 @@ def test_list_defaults_of_the_full_config_show_in_its_schema():
     assert b.data.world.planted_categories == ["fraud"]
 
 
-def test_prefect_yaml_deploys_the_form_with_the_demo_config(monkeypatch):
+def test_prefect_yaml_deploys_the_form_with_the_quickstart_config(monkeypatch):
     from prefect.cli.deploy._models import PrefectYamlModel
     from prefect.flows import load_flow_from_entrypoint
 
@@ -73,7 +73,7 @@ def test_prefect_yaml_deploys_the_form_with_the_demo_config(monkeypatch):
     assert sorted(d.entrypoint for d in spec.deployments) == sorted(ENTRYPOINTS)
     for dep in spec.deployments:
         params = load_flow_from_entrypoint(dep.entrypoint).validate_parameters(dep.parameters)
-        assert params["request"].resolve() == load_config(ROOT / "configs" / "demo.yaml")
+        assert params["request"].resolve() == load_config(ROOT / "configs" / "quickstart.yaml")
 
 
 def test_a_request_resolves_to_its_config_with_the_overrides():
