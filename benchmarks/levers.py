@@ -46,7 +46,7 @@ from lancet_core.config import DataConfig, InfluenceConfig, ModelConfig  # noqa:
 from lancet_core.influence import get_estimator  # noqa: E402
 from lancet_core.influence.architectures import sublayer_maps  # noqa: E402
 from lancet_core.influence.base import InfluenceData  # noqa: E402
-from lancet_core.influence.hooks import saved_for_backward_bytes, trim_padding  # noqa: E402
+from lancet_core.influence.hooks import padding_fraction, saved_for_backward_bytes, trim_padding  # noqa: E402
 from lancet_core.influence.metrics import ranking_metrics  # noqa: E402
 from lancet_core.influence.scores import build_scores_table  # noqa: E402
 from lancet_core.influence.tfidf import prefilter_candidates  # noqa: E402
@@ -102,6 +102,7 @@ def query_bytes(prepared: list) -> int:
 
 def run_lever(model, train, queries, icfg: InfluenceConfig) -> tuple[dict, torch.Tensor, object]:
     est = get_estimator(icfg)
+    cpu_started = time.process_time()
     with PeakMemory() as mem:
         started = time.perf_counter()
         est.fit(model, train)
@@ -110,7 +111,8 @@ def run_lever(model, train, queries, icfg: InfluenceConfig) -> tuple[dict, torch
         prepared = est.prepare_queries(model, queries)
         scores = est.score_prepared(model, prepared, train)
         score_s = time.perf_counter() - started
-    stats = {"fit_s": round(fit_s, 2), "score_s": round(score_s, 2), "peak_rss_mb": round(mem.peak_rss_mb, 1),
+    stats = {"fit_s": round(fit_s, 2), "score_s": round(score_s, 2),
+             "cpu_s": round(time.process_time() - cpu_started, 1), "peak_rss_mb": round(mem.peak_rss_mb, 1),
              "saved_for_backward_mb": round(saved_for_backward_bytes(
                  model, sublayer_maps(model), trim_padding(train.encoded.slice(0, icfg.batch_size)),
                  icfg.activation_only_backward, icfg.autocast) / 2**20, 1),
@@ -152,7 +154,7 @@ def width_levers(args) -> dict:
                                                "bytes_per_query": query_bytes(prepared), **agreement(scores, ref)}
     base = out["levers"]["default"]
     for stats in out["levers"].values():
-        for key in ("fit_s", "score_s", "peak_rss_mb", "saved_for_backward_mb", "bytes_per_query"):
+        for key in ("fit_s", "score_s", "cpu_s", "peak_rss_mb", "saved_for_backward_mb", "bytes_per_query"):
             if key in stats and base.get(key):
                 stats[f"{key}_ratio"] = round(stats[key] / base[key], 3)
     return out
@@ -216,14 +218,19 @@ def prefilter_recall(args) -> dict:
             continue
         queries = qset.to_influence_data(tok, cfg.model.max_length, cfg.queries)
         icfg = InfluenceConfig(method="linfac", fit_samples=args.world_fit_samples)
+        # the pipeline's batches of this data, length-bucketed or in data order
+        row["padding_fraction"] = {"bucketed": round(padding_fraction(train.encoded, icfg.batch_size), 4),
+                                   "data_order": round(padding_fraction(train.encoded, icfg.batch_size, False), 4)}
         est = get_estimator(icfg)
         est.fit(wm["model"], train)
         planted = train_df["planted"].to_numpy(bool)
+        full = None
         for m in [None, *args.top_m]:
             est.cfg = icfg.model_copy(update={"prefilter_top_m": m})
             started = time.perf_counter()
             matrix = est.score(wm["model"], queries, train)
             score_s = time.perf_counter() - started
+            full = matrix if m is None else full
             table = build_scores_table(matrix, train.ids, qset.ids, qset.weights, train=train_df,
                                        allow_unscored=m is not None)
             metrics = ranking_metrics(table)
@@ -233,6 +240,15 @@ def prefilter_recall(args) -> dict:
                 cand = prefilter_candidates(queries, train, m).numpy()
                 entry["planted_in_candidates"] = round(float(planted[cand].sum() / max(planted.sum(), 1)), 4)
             row["all" if m is None else f"top_m_{m}"] = entry
+        # bfloat16 autocast on this trained model: fit and score, against float32
+        bf16 = get_estimator(icfg.model_copy(update={"autocast": "bfloat16"}))
+        started = time.perf_counter()
+        bf16.fit(wm["model"], train)
+        matrix = bf16.score(wm["model"], queries, train)
+        metrics = ranking_metrics(build_scores_table(matrix, train.ids, qset.ids, qset.weights, train=train_df))
+        row["autocast_bf16"] = {"recall_at_k": round(metrics["recall_at_k"], 4), "auroc": round(metrics["auroc"], 4),
+                                "k": metrics["k"], "fit_score_s": round(time.perf_counter() - started, 2),
+                                **agreement(matrix, full, top=100)}
         out[variant] = row
     return out
 
@@ -243,13 +259,13 @@ def print_report(res: dict) -> None:
     if w:
         print(f"\nLinFAC levers at width {w['width']} ({w['layers']} layers, {w['parameters'] / 1e6:.1f}M params), "
               f"N={w['n_train']}, {w['n_queries']} queries, {w['tokens_mean']} tokens mean / {w['tokens_max']} max")
-        print(f"{'lever':<18}{'fit s':>8}{'score s':>9}{'fit x':>7}{'score x':>8}{'rss MB':>8}{'saved MB':>9}"
+        print(f"{'lever':<18}{'fit s':>8}{'score s':>9}{'fit x':>7}{'score x':>8}{'cpu x':>7}{'rss MB':>8}{'saved MB':>9}"
               f"{'pad':>6}{'B/query':>10}{'rel err':>9}{'rho':>7}{'top10':>7}")
         for name, s in w["levers"].items():
             def f(key, spec, s=s):
                 return format(s[key], spec) if s.get(key) is not None else "-"
             print(f"{name:<18}{f('fit_s', '.1f'):>8}{f('score_s', '.1f'):>9}{f('fit_s_ratio', '.2f'):>7}"
-                  f"{f('score_s_ratio', '.2f'):>8}{f('peak_rss_mb', '.0f'):>8}{f('saved_for_backward_mb', '.0f'):>9}"
+                  f"{f('score_s_ratio', '.2f'):>8}{f('cpu_s_ratio', '.2f'):>7}{f('peak_rss_mb', '.0f'):>8}{f('saved_for_backward_mb', '.0f'):>9}"
                   f"{f('padding_fraction', '.2f'):>6}{f('bytes_per_query', ',d'):>10}{f('relative_error', '.1e'):>9}"
                   f"{f('spearman', '.3f'):>7}{f('top10_overlap', '.2f'):>7}")
     mem = res.get("memory")
@@ -263,7 +279,12 @@ def print_report(res: dict) -> None:
     for variant, row in res.get("prefilter", {}).items():
         print(f"\nprefilter on the {variant} world: N={row['n_train']}, {row['n_queries']} queries")
         for key, e in row.items():
-            if isinstance(e, dict):
+            if key == "padding_fraction":
+                print(f"  padding fraction (batch 64): bucketed {e['bucketed']:.3f}, data order {e['data_order']:.3f}")
+            elif key == "autocast_bf16":
+                print(f"  bf16 autocast: recall@{e['k']} {e['recall_at_k']:.3f}, Spearman vs fp32 {e['spearman']:.3f}, "
+                      f"top-100 overlap {e['top100_overlap']:.2f}, relative error {e['relative_error']:.1e}")
+            elif isinstance(e, dict):
                 extra = f", planted among candidates {e['planted_in_candidates']:.3f}" if "planted_in_candidates" in e else ""
                 print(f"  {key:<10} recall@{e['k']} {e['recall_at_k']:.3f}  auroc {e['auroc']:.3f}  "
                       f"score {e['score_s']:.1f}s{extra}")
@@ -274,19 +295,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=768)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--n-train", type=int, default=48)
+    p.add_argument("--max-length", type=int, default=96)
+    p.add_argument("--n-train", type=int, default=24)
     p.add_argument("--n-queries", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--query-ranks", type=int, nargs="*", default=[8, 32])
-    p.add_argument("--mem-n", type=int, nargs=2, default=[32, 256])
-    p.add_argument("--mem-max-length", type=int, default=64)
-    p.add_argument("--fit-n", type=int, default=32, help="fit rows of the memory runs")
+    p.add_argument("--mem-n", type=int, nargs=2, default=[32, 160])
+    p.add_argument("--mem-max-length", type=int, default=32)
+    p.add_argument("--fit-n", type=int, default=16, help="fit rows of the memory runs")
     p.add_argument("--worlds", nargs="*", default=["templated", "paraphrase"])
     p.add_argument("--world-n-train", type=int, default=1000)
     p.add_argument("--world-fit-samples", type=int, default=500)
-    p.add_argument("--top-m", type=int, nargs="*", default=[100, 250])
+    p.add_argument("--top-m", type=int, nargs="*", default=[25, 100, 250])
     p.add_argument("--skip-worlds", action="store_true")
+    p.add_argument("--note", default="", help="kept in the JSON, e.g. the machine's load")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "levers.json"))
     p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
@@ -300,16 +322,21 @@ def main(argv=None) -> dict:
         return {}
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     started = time.perf_counter()
-    res: dict = {"args": {k: v for k, v in vars(args).items() if k != "memory_child"}}
-    print("width levers ...", file=sys.stderr, flush=True)
-    res["width"] = width_levers(args)
-    if not args.skip_memory:
-        res["memory"] = memory_at_two_n(args)
-    if not args.skip_worlds:
-        res["prefilter"] = prefilter_recall(args)
+    res: dict = {"args": {k: v for k, v in vars(args).items() if k != "memory_child"}, "part_s": {}}
+    parts = [("width", width_levers), ("memory", None if args.skip_memory else memory_at_two_n),
+             ("prefilter", None if args.skip_worlds else prefilter_recall)]
+    for name, part in parts:
+        if part is None:
+            continue
+        print(f"{name} ...", file=sys.stderr, flush=True)
+        part_started, cpu_started = time.perf_counter(), time.process_time()
+        res[name] = part(args)
+        # wall and this process's CPU seconds (the memory part's subprocesses not counted in CPU)
+        res["part_s"][name] = {"wall_s": round(time.perf_counter() - part_started, 1),
+                               "cpu_s": round(time.process_time() - cpu_started, 1)}
     res["wall_s"] = round(time.perf_counter() - started, 1)
     print_report(res)
-    print(f"\n{res['wall_s']:.0f} s in all; written to {args.out}")
+    print(f"\n{res['wall_s']:.0f} s in all ({res['part_s']}); {res['args']['note'] or ''}; written to {args.out}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2, default=float))
     return res

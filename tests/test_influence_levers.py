@@ -167,6 +167,15 @@ def test_prefilter_scores_only_candidates_and_they_never_reach_p_or_n(lever_worl
     assert np.isfinite(metrics["auroc"]) and metrics["recall_at_k"] <= 0.75  # the unscored planted one is last
 
 
+def test_sharded_scoring_refuses_the_prefilter():
+    from lancet_core.config import LancetConfig
+    from lancet_core.stages import sharded
+
+    cfg = LancetConfig.model_validate({"influence": {"prefilter_top_m": 10}, "orchestration": {"shards": 2}})
+    with pytest.raises(ConfigError, match="influence.prefilter_top_m=10.*single-process"):
+        sharded.prepare_queries(cfg, "data", "digest", "model", "checksum", "factors", "queries")
+
+
 def test_partly_nan_columns_are_still_refused():
     scores = np.array([[1.0, np.nan, 2.0], [0.5, 1.0, np.nan]])
     with pytest.raises(ValueError, match="non-finite"):
