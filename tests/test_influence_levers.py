@@ -203,3 +203,33 @@ def test_scoring_holds_one_batch_of_gradients_whatever_n(lever_world, monkeypatc
                                                                        train.encoded.labels))))
     scores = est.score(model, queries, big)
     assert scores.shape == (len(queries), len(big)) and max(seen) <= 8 and len(seen) == len(big) // 8
+
+
+def test_run_ranking_with_the_prefilter_end_to_end(tmp_path):
+    """The pipeline's ranking stage: unscored rows saved as NaN, last, outside P and N; metrics and
+    the per-query table still written."""
+    from lancet_core.config import ModelConfig
+    from lancet_core.influence.by_query import load_by_query
+    from lancet_core.influence.scores import run_ranking
+    from lancet_core.models.loading import build_model
+    from lancet_core.models.tokenizer import train_tokenizer
+
+    rng = np.random.default_rng(0)
+    train = pd.DataFrame({"sample_id": [f"s{i}" for i in range(60)],
+                          "prompt": [" ".join(rng.choice(WORDS, 4)) for _ in range(60)],
+                          "response": [" ".join(rng.choice(WORDS, 3)) for _ in range(60)],
+                          "planted": [i < 5 for i in range(60)]})
+    tok = train_tokenizer(list(train.prompt + " " + train.response), 300)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
+                                    intermediate_size=64, vocab_size=300), tok).eval()
+    cfg = InfluenceConfig(prefilter_top_m=20, top_k_positive=15, top_k_negative=15)
+    generations = train.head(3)[["prompt", "response"]].assign(unsafe_prob=0.9)
+    result = run_ranking(model, tok, train, generations, cfg, tmp_path, max_length=32, progress=False)
+    table = result.table
+    assert table["score"].notna().sum() == 20 and table["score"].iloc[20:].isna().all()
+    assert np.isfinite(result.metrics["auroc"])
+    positive, negative = result.sets(cfg)
+    assert (len(positive), len(negative)) == (15, 5)
+    assert positive["score"].notna().all() and negative["score"].notna().all()
+    assert set(load_by_query(result.scores_dir)["sample_id"]) <= set(table["sample_id"].iloc[:20])
