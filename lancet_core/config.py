@@ -213,6 +213,23 @@ class InfluenceConfig(_Section):
                              "costs one Gauss-Newton-vector product per query over refine_samples sequences.")
     refine_samples: int | None = Field(
         64, ge=1, description="Fit sequences whose exact GGN the refinement solves with; None = all fit sequences.")
+    # -- throughput levers (docs/linfac.md "Throughput levers"; benchmarks/levers.py measures them) --
+    activation_only_backward: bool = Field(
+        True, description="Freeze the parameters during influence passes and differentiate with respect to the "
+                          "tracked maps' outputs only: the virtual maps need only Ds, so autograd neither saves "
+                          "inputs for nor computes weight gradients. False: a full backward (weight gradients "
+                          "computed and dropped), the reference the lever is tested against.")
+    autocast: Literal["none", "bfloat16", "float16"] = Field(
+        "none", description="Forward and backward of influence passes under torch.autocast in this dtype; "
+                            "activations, output gradients, covariances, eigendecompositions and factors stay "
+                            "float32/float64. float16 needs a CUDA device.")
+    length_bucketing: bool = Field(
+        True, description="Sort sequences by length into batches (scores restored to data order), so batches "
+                          "pad little; False batches in data order. The padding fraction is in the stats.")
+    prefilter_top_m: int | None = Field(
+        None, ge=1, description="Score only M training samples per query batch: the best TF-IDF matches of each "
+                                "query, taken round-robin (Grosse et al. 2023 sec. 3.2.1). Unscored samples get "
+                                "NaN, rank last and never enter P or N. None = score all.")
     top_k_positive: int = Field(80, ge=1, description="Size of P (most harmful).")
     top_k_negative: int = Field(80, ge=1, description="Size of N (most inhibiting).")
     seed: int = Field(0, ge=0, le=SEED_MAX)

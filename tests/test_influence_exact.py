@@ -285,21 +285,26 @@ def as_data(enc: EncodedBatch) -> InfluenceData:
     return InfluenceData([f"s{i}" for i in range(n)], [""] * n, [""] * n, enc)
 
 
+def train_briefly(model, data: EncodedBatch, steps: int, batch: int):
+    """Adam on the response log-likelihood for a few steps: partly trained, peaked but not one-hot
+    predictions. Returns the model in eval mode."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(steps):
+        start = step * batch % len(data)
+        b = data.slice(start, start + batch)
+        opt.zero_grad()
+        (-response_logprob(model(**b.as_model_inputs()).logits, b.labels) / batch).backward()
+        opt.step()
+    return model.eval()
+
+
 @pytest.fixture(scope="module")
 def tiny_world():
     cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     cfg._attn_implementation = "eager"  # functorch has batching rules for eager attention
     torch.manual_seed(0)
-    model = T.LlamaForCausalLM(cfg)
-    fit_data = copy_task(96, seed=0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step in range(40):  # partly trained: peaked but not one-hot predictions
-        b = fit_data.slice(step * 32 % 96, step * 32 % 96 + 32)
-        opt.zero_grad()
-        (-response_logprob(model(**b.as_model_inputs()).logits, b.labels) / 32).backward()
-        opt.step()
-    model.eval()
+    model = train_briefly(T.LlamaForCausalLM(cfg), copy_task(96, seed=0), steps=40, batch=32)
     train = as_data(copy_task(20, seed=1))
     queries = as_data(copy_task(4, seed=2))
     return model, train, queries

@@ -27,11 +27,17 @@ BY_QUERY_COLUMNS = ["query_id", "direction", "rank", "sample_id", "score", "z"]
 
 
 def standardize_rows(scores: np.ndarray) -> np.ndarray:
-    """z-score each query's row across training samples; a constant row becomes zeros."""
+    """z-score each query's row across training samples; a constant row becomes zeros.
+
+    NaN entries are samples left unscored (``influence.prefilter_top_m``): they stay NaN and the
+    mean and spread are those of the scored samples."""
     scores = np.asarray(scores, dtype=np.float64)
-    mean = scores.mean(axis=1, keepdims=True)
-    std = scores.std(axis=1, keepdims=True)
-    return np.where(std > 0, (scores - mean) / np.where(std > 0, std, 1.0), 0.0)
+    scored = ~np.isnan(scores)
+    count = np.maximum(scored.sum(axis=1, keepdims=True), 1)
+    mean = np.where(scored, scores, 0.0).sum(axis=1, keepdims=True) / count
+    std = np.sqrt(np.square(np.where(scored, scores - mean, 0.0)).sum(axis=1, keepdims=True) / count)
+    z = np.where(std > 0, (scores - mean) / np.where(std > 0, std, 1.0), 0.0)
+    return np.where(scored, z, np.nan)
 
 
 def build_by_query(scores: np.ndarray, sample_ids: list[str], query_ids: list[str], k: int) -> pd.DataFrame:

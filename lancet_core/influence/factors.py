@@ -28,7 +28,7 @@ from lancet_core.influence.curvature import (
     kfac_eigenvalues,
 )
 from lancet_core.influence.hooks import (
-    ActivationRecorder, length_sorted_batches, response_logprob, sampled_logprob, sequence_gradients,
+    ActivationRecorder, length_sorted_batches, padding_fraction, response_logprob, sampled_logprob, sequence_gradients,
 )
 from lancet_core.influence.persistence import load_factors, save_factors
 from lancet_core.influence.refine import conjugate_gradients, ggn_vector_products
@@ -94,12 +94,23 @@ class KroneckerEstimator(ShardableEstimator):
             )
         return maps
 
+    def recorder(self, model, maps) -> ActivationRecorder:
+        """Hooks for one pass, with the configured backward (activation-only or full) and autocast."""
+        return ActivationRecorder(model, maps, self.cfg.activation_only_backward, self.cfg.autocast)
+
+    def batches(self, enc: EncodedBatch, what: str):
+        """Batches of one pass (length-bucketed unless ``length_bucketing`` is off); the share of
+        padded positions goes into ``stats["padding_fraction"][what]``."""
+        self.stats.setdefault("padding_fraction", {})[what] = round(
+            padding_fraction(enc, self.cfg.batch_size, self.cfg.length_bucketing), 4)
+        return length_sorted_batches(enc, self.cfg.batch_size, self.cfg.length_bucketing)
+
     def _passes(self, model, maps, enc: EncodedBatch, rows: torch.Tensor, desc: str | None = None):
         """``(positions, batch size, stacked (a, g) per group)`` for each batch of one Fisher pass."""
         device = self._device(model)
-        with ActivationRecorder(model, maps) as rec:
+        with self.recorder(model, maps) as rec:
             total = math.ceil(len(enc) / self.cfg.batch_size)
-            for pos, batch in tqdm(length_sorted_batches(enc, self.cfg.batch_size), total=total,
+            for pos, batch in tqdm(self.batches(enc, "fit"), total=total,
                                    disable=desc is None, desc=desc):
                 batch = batch.to(device)
                 pairs = rec.gradients(self._fisher_objective(rec.forward(batch), batch.labels, rows[pos]))
@@ -109,6 +120,7 @@ class KroneckerEstimator(ShardableEstimator):
     def fit(self, model, train: InfluenceData, progress: bool = False) -> None:
         """Single-process fit: covariances, eigenbases, eigenvalues (one pass when gradients are kept)."""
         self.map_names = None
+        self.stats = {}
         maps = self.bind(model)
         device = self._device(model)
         rows = self.fit_rows(len(train))
@@ -145,8 +157,8 @@ class KroneckerEstimator(ShardableEstimator):
         self.factors = build_factors(eig, lam, self.cfg.damping, self.cfg.damping_factor)
         self.n_fit = len(enc)
         n_second = int(sum(len(p) for p in second_pass)) if self.eigenvalue_correction else 0
-        self.stats = {"fit_sequences": len(enc), "fit_tokens": cov.tokens, "kept_sequences": n_kept,
-                      "second_pass_sequences": n_second}
+        self.stats.update({"fit_sequences": len(enc), "fit_tokens": cov.tokens, "kept_sequences": n_kept,
+                           "second_pass_sequences": n_second})
 
     @staticmethod
     def _kept_size(a: torch.Tensor, g: torch.Tensor) -> int:
@@ -241,8 +253,8 @@ class KroneckerEstimator(ShardableEstimator):
         """Per-group gradients of ``log p(response_q | prompt_q)``."""
         device = self._device(model)
         out = [torch.zeros(len(g.indices), len(queries), g.d_out, g.cols, device=device) for g in self.groups]
-        with ActivationRecorder(model, maps) as rec:
-            for pos, batch in length_sorted_batches(queries.encoded, self.cfg.batch_size):
+        with self.recorder(model, maps) as rec:
+            for pos, batch in self.batches(queries.encoded, "queries"):
                 batch = batch.to(device)
                 pairs = rec.gradients(response_logprob(rec.forward(batch), batch.labels))
                 for k, grp in enumerate(self.groups):
@@ -312,9 +324,9 @@ class KroneckerEstimator(ShardableEstimator):
         device = self._device(model)
         n_queries = (prepared[0] if isinstance(prepared[0], torch.Tensor) else prepared[0][0]).shape[1]
         scores = torch.zeros(n_queries, len(train), device=device)
-        batches = length_sorted_batches(train.encoded, self.cfg.batch_size)
+        batches = self.batches(train.encoded, "score")
         total = math.ceil(len(train) / self.cfg.batch_size)
-        with ActivationRecorder(model, maps) as rec:
+        with self.recorder(model, maps) as rec:
             for pos, batch in tqdm(batches, total=total, disable=not progress, desc=f"{self.name} scores"):
                 batch = batch.to(device)
                 pairs = rec.gradients(response_logprob(rec.forward(batch), batch.labels))
@@ -328,7 +340,16 @@ class KroneckerEstimator(ShardableEstimator):
               curvature: InfluenceData | None = None) -> torch.Tensor:
         """Scores of ``queries`` against ``train``; a refinement solves with ``curvature`` (default: ``train``)."""
         prepared = self.prepare_queries(model, queries, train if curvature is None else curvature, progress)
-        return self.score_prepared(model, prepared, train, progress)
+        m = self.cfg.prefilter_top_m
+        if m is None or m >= len(train):
+            return self.score_prepared(model, prepared, train, progress)
+        from lancet_core.influence.tfidf import prefilter_candidates  # sklearn: only when asked for
+
+        rows = prefilter_candidates(queries, train, m)
+        scores = torch.full((len(queries), len(train)), float("nan"))
+        scores[:, rows] = self.score_prepared(model, prepared, train.subset(rows), progress)
+        self.stats["prefilter"] = {"top_m": m, "scored": len(rows), "n_train": len(train)}
+        return scores
 
     # -- persistence (lancet_core/influence/persistence.py) ---------------------------------
     def save(self, path: str | Path) -> None:

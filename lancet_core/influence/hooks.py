@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lancet_core.influence.architectures import TrackedMap
+from lancet_core.influence.precision import autocast_context, check_autocast
 from lancet_core.models.encoding import EncodedBatch, shifted_token_logprobs
 
 
@@ -52,12 +53,28 @@ def trim_padding(batch: EncodedBatch) -> EncodedBatch:
     return EncodedBatch(batch.input_ids[:, :width], batch.attention_mask[:, :width], batch.labels[:, :width])
 
 
-def length_sorted_batches(enc: EncodedBatch, batch_size: int) -> Iterator[tuple[torch.Tensor, EncodedBatch]]:
-    """``(row positions, trimmed batch)`` in order of length: batches of similar lengths pad little."""
-    order = torch.argsort(enc.attention_mask.sum(1), stable=True)
+def batch_order(enc: EncodedBatch, bucketing: bool = True) -> torch.Tensor:
+    """Rows in the order they are batched: by length (``bucketing``; stable) or as given."""
+    return torch.argsort(enc.attention_mask.sum(1), stable=True) if bucketing else torch.arange(len(enc))
+
+
+def length_sorted_batches(enc: EncodedBatch, batch_size: int,
+                          bucketing: bool = True) -> Iterator[tuple[torch.Tensor, EncodedBatch]]:
+    """``(row positions, trimmed batch)`` in order of length: batches of similar lengths pad little.
+
+    ``bucketing=False`` batches the rows as given (``influence.length_bucketing``); either way each
+    batch comes with its rows' positions, so callers write results back in data order."""
+    order = batch_order(enc, bucketing)
     for start in range(0, len(order), batch_size):
         pos = order[start:start + batch_size]
         yield pos, trim_padding(EncodedBatch(enc.input_ids[pos], enc.attention_mask[pos], enc.labels[pos]))
+
+
+def padding_fraction(enc: EncodedBatch, batch_size: int, bucketing: bool = True) -> float:
+    """Share of the positions run through the model that are padding, batched as :func:`length_sorted_batches`."""
+    lengths = enc.attention_mask.sum(1)[batch_order(enc, bucketing)]
+    run = sum(int(chunk.max()) * len(chunk) for chunk in lengths.split(batch_size)) if len(lengths) else 0
+    return 1.0 - float(lengths.sum()) / run if run else 0.0
 
 
 class ActivationRecorder:
@@ -67,11 +84,20 @@ class ActivationRecorder:
     ``rec.gradients(objective)`` returns ``[(a, g), ...]`` in map order with
     ``a: [B, T, cols]`` (float32, masked, homogeneous 1 appended for biased maps) and
     ``g: [B, T, d_out]`` (float32, masked).
+
+    ``activation_only=False`` (``influence.activation_only_backward``) leaves every parameter
+    requiring grad and takes the weight gradients too (and drops them): the plain backward the
+    activation-only one is tested against. ``autocast`` runs the forward (hence the backward)
+    under :func:`~lancet_core.influence.precision.autocast_context`; ``a`` and ``g`` are float32 either way.
     """
 
-    def __init__(self, model: nn.Module, maps: list[TrackedMap]):
+    def __init__(self, model: nn.Module, maps: list[TrackedMap], activation_only: bool = True,
+                 autocast: str = "none"):
         self.model = model
         self.maps = maps
+        self.activation_only = activation_only
+        self.autocast = autocast
+        check_autocast(autocast, next(model.parameters()).device)
         self._handles: list = []
         self._inputs: dict[int, torch.Tensor] = {}
         self._outputs: dict[int, torch.Tensor] = {}
@@ -112,7 +138,7 @@ class ActivationRecorder:
         self.model.eval()  # dropout off: gradients of the deterministic model
         self._saved_flags = [(p, p.requires_grad) for p in self.model.parameters()]
         for p, _ in self._saved_flags:
-            p.requires_grad_(False)
+            p.requires_grad_(not self.activation_only)
         self._register()
         return self
 
@@ -139,7 +165,7 @@ class ActivationRecorder:
         """Run ``call()`` (any forward through the tracked maps) with token mask ``mask [B, T]``."""
         self._clear()
         self._mask = mask
-        with torch.enable_grad():
+        with torch.enable_grad(), autocast_context(self.autocast, mask.device):
             out = call()
         missing = [self.maps[k].name for k in range(len(self.maps)) if k not in self._inputs or k not in self._outputs]
         if missing:
@@ -149,7 +175,9 @@ class ActivationRecorder:
     def gradients(self, objective: torch.Tensor, retain_graph: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``[(a, g)]`` per map for ``g = d objective / d s`` (``retain_graph`` for several objectives)."""
         outs = [self._outputs[k] for k in range(len(self.maps))]
-        grads = torch.autograd.grad(objective, outs, allow_unused=True, retain_graph=retain_graph)
+        weights: list[torch.Tensor] = [] if self.activation_only else [p for p, _ in self._saved_flags]
+        grads = torch.autograd.grad(objective, outs + weights, allow_unused=True,
+                                    retain_graph=retain_graph)[:len(outs)]
         assert self._mask is not None, "ActivationRecorder.gradients: call record() (or forward()) first"
         mask = self._mask.to(dtype=torch.float32).unsqueeze(-1)
         result = []
@@ -163,6 +191,23 @@ class ActivationRecorder:
         if not retain_graph:
             self._clear()
         return result
+
+
+def saved_for_backward_bytes(model: nn.Module, maps: list[TrackedMap], batch: EncodedBatch,
+                             activation_only: bool = True, autocast: str = "none") -> int:
+    """Bytes autograd saves for backward in one recorded forward/backward of ``batch`` (the measure
+    of what ``influence.activation_only_backward`` and ``influence.autocast`` save)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with ActivationRecorder(model, maps, activation_only, autocast) as rec:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            rec.gradients(response_logprob(rec.forward(batch), batch.labels))
+    return total
 
 
 def sequence_gradients(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -78,7 +78,10 @@ def ranking_metrics(table: pd.DataFrame, label: str = "planted", score: str = "s
         return {}
     labels = table[label].fillna(False).astype(bool).to_numpy()
     k = int(labels.sum()) if k is None else k
-    s = table[score].to_numpy()
+    s = table[score].to_numpy(dtype=np.float64)
+    unscored = np.isnan(s)  # left out by influence.prefilter_top_m: ranked below every scored sample
+    if unscored.any():
+        s = np.where(unscored, (s[~unscored].min() - 1.0) if (~unscored).any() else 0.0, s)
     return {
         "k": k,
         "n": len(table),

@@ -59,7 +59,7 @@ PREVIEW_CHARS = 80
 # Fields of InfluenceConfig that change neither the factors nor the scores.
 _SELECTION_ONLY = {"top_k_positive", "top_k_negative"}
 # Fields that change the scores but not the fitted factors.
-_SCORING_ONLY = {"query_rank", "refine_steps", "refine_samples"}
+_SCORING_ONLY = {"query_rank", "refine_steps", "refine_samples", "prefilter_top_m"}
 # The code that fitted factors and scores depend on (lancet_core.versioning): any edit of the
 # influence package, or of how sequences are encoded, invalidates both.
 FIT_CODE = ("lancet_core.influence", "lancet_core.models.encoding")
@@ -92,26 +92,36 @@ def build_scores_table(
     standardize: bool = True,
     train: pd.DataFrame | None = None,
     labels: pd.DataFrame | None = None,
+    allow_unscored: bool = False,
 ) -> pd.DataFrame:
-    """The ranked table (one row per training sample, in rank order)."""
+    """The ranked table (one row per training sample, in rank order).
+
+    ``allow_unscored``: a column that is NaN for every query is a sample the prefilter left
+    unscored (``influence.prefilter_top_m``): its score is NaN, it ranks last and
+    :func:`select_sets` skips it. Any other non-finite entry is an error."""
     if torch.is_tensor(scores):
         scores = scores.detach().to("cpu", torch.float64).numpy()
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != (len(query_ids), len(sample_ids)):
         raise ValueError(f"score matrix {scores.shape} does not match {len(query_ids)} queries x "
                          f"{len(sample_ids)} training samples")
-    if not np.isfinite(scores).all():
-        raise ValueError(f"score matrix has {int((~np.isfinite(scores)).sum())} non-finite entries "
+    unscored = (np.isnan(scores).all(axis=0) if allow_unscored and len(scores)
+                else np.zeros(len(sample_ids), dtype=bool))
+    bad = int((~np.isfinite(scores[:, ~unscored])).sum())
+    if bad:
+        raise ValueError(f"score matrix has {bad} non-finite entries "
                          "(diverged estimator? try more damping or float64)")
     z_rows = standardize_rows(scores)
     key = aggregate(scores, weights, standardize)
-    key_std = key.std()
+    scored_key = key[~unscored]
+    key_std = scored_key.std() if len(scored_key) else 0.0
+    top = np.asarray(query_ids, dtype=object)[np.nan_to_num(z_rows, nan=-np.inf).argmax(axis=0)]
     table = pd.DataFrame({
         "sample_id": list(sample_ids),
         "score": key,
         "raw_score": aggregate(scores, weights, standardize=False),
-        "z": (key - key.mean()) / key_std if key_std > 0 else np.zeros_like(key),
-        "top_query": np.asarray(query_ids, dtype=object)[z_rows.argmax(axis=0)],
+        "z": (key - scored_key.mean()) / key_std if key_std > 0 else np.where(unscored, np.nan, 0.0),
+        "top_query": np.where(unscored, None, top),
     })
     if mode == "single":
         per_query = z_rows if standardize else scores
@@ -137,8 +147,11 @@ def build_scores_table(
 
 def select_sets(table: pd.DataFrame, k_pos: int, k_neg: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """P = the ``k_pos`` most positive samples (rank order); N = the ``k_neg`` most negative
-    (most negative first). They never overlap, even when ``k_pos + k_neg`` exceeds the table."""
+    (most negative first). They never overlap, even when ``k_pos + k_neg`` exceeds the table.
+    Samples left unscored (NaN score: ``influence.prefilter_top_m``) are in neither."""
     ranked = table.sort_values("rank") if "rank" in table.columns else table
+    if "score" in ranked.columns:
+        ranked = ranked.loc[ranked["score"].notna()]
     positive = ranked.head(k_pos)
     rest = ranked.iloc[len(positive):]
     negative = rest.tail(min(k_neg, len(rest))).iloc[::-1]
@@ -324,7 +337,8 @@ def finish_ranking(est: InfluenceEstimator, matrix: torch.Tensor | np.ndarray, t
                    extra: dict | None = None) -> tuple[pd.DataFrame, dict]:
     """Score matrix -> ranked table -> saved scores stage; returns ``(table, metrics)``."""
     table = build_scores_table(matrix, train_data.ids, qset.ids, qset.weights, query_cfg.mode,
-                               query_cfg.standardize, train=train, labels=labels)
+                               query_cfg.standardize, train=train, labels=labels,
+                               allow_unscored=est.cfg.prefilter_top_m is not None)
     metrics = ranking_metrics(table)
     matrix = matrix.detach().to("cpu", torch.float64).numpy() if torch.is_tensor(matrix) else matrix
     save_scores(table, scores_dir, inputs, qset.table,

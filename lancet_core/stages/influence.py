@@ -100,7 +100,8 @@ def rescore(cfg: LancetConfig, model_dir: str | Path, fit_dir: str | Path, queri
     from lancet_core.influence.scores import load_fitted
     from lancet_core.stages.model import load_trained
 
-    est = load_fitted(cfg.influence, fit_dir)
+    # The rows asked for are scored, all of them: no lexical prefilter here.
+    est = load_fitted(cfg.influence.model_copy(update={"prefilter_top_m": None}), fit_dir)
     model, tokenizer = load_trained(model_dir, cfg)
 
     def encode(df: pd.DataFrame, id_col: str) -> InfluenceData:

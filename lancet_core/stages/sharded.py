@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from lancet_core.config import LancetConfig
+from lancet_core.config import ConfigError, LancetConfig
 from lancet_core.faults import fault_point
 from lancet_core.stages.common import loaded_model_id
 from lancet_core.stages.influence import training_data
@@ -215,8 +215,12 @@ def prepare_queries(cfg: LancetConfig, data_dir: str, data_digest: str, model_di
     from lancet_core.storage import file_sha256, read_manifest
     from lancet_core.versioning import code_version
 
-    store = ShardStore(uri or storage_uri(cfg))
     icfg = cfg.influence
+    if icfg.prefilter_top_m is not None:
+        raise ConfigError(f"influence.prefilter_top_m={icfg.prefilter_top_m}: the TF-IDF prefilter runs in "
+                          f"single-process scoring only, not over orchestration.shards={cfg.orchestration.shards}; "
+                          "set influence.prefilter_top_m=null or orchestration.shards=1")
+    store = ShardStore(uri or storage_uri(cfg))
     refine = ({"steps": icfg.refine_steps, "samples": icfg.refine_samples, "data": data_digest}
               if icfg.refine_steps else None)
     key = content_key({"step": "queries", "model": loaded_model_id(cfg, model_checksum),
