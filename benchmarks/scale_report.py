@@ -22,6 +22,7 @@ from pathlib import Path
 from benchmarks.scale_flops import dims_views, factor_floats, method_flops, query_floats
 
 METHODS = ("linfac", "ekfac", "kronfluence")
+OURS = ("linfac", "ekfac")
 
 
 def _per_sample(stats: dict, n: int) -> tuple[float, float]:
@@ -104,18 +105,19 @@ def preset_table(name: str, res: dict, precision: str = "fp32") -> list[str]:
     run, n = res["runs"][precision], res["n_train"]
     lines = [f"**{name}** ({res['params'] / 1e6:.1f}M params, {n} samples x {res['mean_tokens']:.0f} tokens, "
              f"{res['n_queries']} queries, {precision})", "",
-             "| method | fit s | of it eigh s | score ms/sample | fit+score s | peak RSS MB | factor MB | query MB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | fit s | of it eigh s | score ms/sample | fit+score s | CPU s (fit+score) | peak RSS MB | factor MB | "
+             "query MB |", "|---|---|---|---|---|---|---|---|---|"]
     for m in METHODS:
         s = run.get(m, {})
         if "fit_s" not in s:
-            lines.append(f"| {m} | {s.get('error') or s.get('skipped') or 'not run'} |||||||")
+            lines.append(f"| {m} | {s.get('error') or s.get('skipped') or 'not run'} ||||||||")
             continue
         lines.append(f"| {m} | {s['fit_s']:.1f} | {_f(s.get('eigendecomposition_s'), '.1f')} | "
-                     f"{1e3 * s['score_s_per_sample']:.0f} | {s['fit_s'] + s['score_s']:.1f} | {s['peak_rss_mb']:.0f} | "
+                     f"{1e3 * s['score_s_per_sample']:.0f} | {s['fit_s'] + s['score_s']:.1f} | {_f(s.get('cpu_s'), '.1f')} | "
+                     f"{s['peak_rss_mb']:.0f} | "
                      f"{s['factor_bytes'] / 2**20:.1f} | {res['query_bytes'][m] / 2**20:.1f} |")
-    lines.append(f"| floor (fwd + activation bwd) | | | {_f(run.get('floor_s_per_sample') and 1e3 * run['floor_s_per_sample'], '.0f')} | | | | |")
-    lines.append(f"| one SFT step | | | {_f(run.get('sft_step_s_per_sample') and 1e3 * run['sft_step_s_per_sample'], '.0f')} | | | | |")
+    lines.append(f"| floor (fwd + activation bwd) | | | {_f(run.get('floor_s_per_sample') and 1e3 * run['floor_s_per_sample'], '.0f')} | | | | | |")
+    lines.append(f"| one SFT step | | | {_f(run.get('sft_step_s_per_sample') and 1e3 * run['sft_step_s_per_sample'], '.0f')} | | | | | |")
     return lines
 
 
@@ -201,7 +203,7 @@ def render(report: dict) -> str:
     out += ["Ratios (kronfluence / LinFAC; LinFAC score / its floor), fp32:", ""] + ratio_table(report["presets"]) + [""]
     if any("bf16_vs_fp32" in r for r in report["presets"].values()):
         how = {s.get("precision") for r in report["presets"].values() for m, s in r["runs"].get("bf16", {}).items()
-               if m in METHODS and isinstance(s, dict) and s.get("precision")}
+               if m in OURS and isinstance(s, dict) and s.get("precision")}
         out += [f"bf16 against fp32 ({'; '.join(sorted(how))}; kronfluence: its amp_dtype=bfloat16):", ""]
         out += bf16_table(report["presets"]) + [""]
     if report.get("cost_model"):
@@ -242,7 +244,7 @@ def merge(paths: list[Path]) -> dict:
 def write_docs(json_paths: list[Path], doc: Path) -> str:
     """Replace the generated section of ``doc`` (between the markers) with the tables of ``json_paths``."""
     report = refit(merge(json_paths))
-    text = doc.read_text()
+    text = doc.read_text() if doc.exists() else ""
     block = f"{BEGIN}\n{render(report)}\n{END}"
     if BEGIN in text:
         text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
