@@ -229,11 +229,15 @@ def refit(report: dict) -> dict:
 
 
 def merge(paths: list[Path]) -> dict:
-    """One report from several result files (presets and sweep points of each; later files win a preset)."""
+    """One report from several result files: presets and sweep points of each. A preset measured
+    in several files takes each precision's run from the last file that has it (the bf16
+    comparison stays with the file that measured it)."""
     merged: dict = {"presets": {}, "sweep": [], "metas": []}
     for path in paths:
         part = json.loads(Path(path).read_text())
-        merged["presets"].update(part.get("presets", {}))
+        for name, res in part.get("presets", {}).items():
+            old = merged["presets"].get(name, {})
+            merged["presets"][name] = {**old, **res, "runs": {**old.get("runs", {}), **res["runs"]}}
         merged["sweep"] += part.get("sweep", [])
         merged["metas"].append(part["meta"])
         if part.get("sweep_meta"):

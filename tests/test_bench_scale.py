@@ -150,3 +150,16 @@ def test_gpu_check_without_cuda_exits_2_with_a_clear_message():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "no CUDA device" in proc.stderr and "--dry-run" in proc.stderr
+
+
+def test_report_merge_takes_each_precision_from_the_last_file_that_has_it(tmp_path):
+    meta = {"command": "c", "out": "o", "date": "d", "cpu_count": 2, "threads": 1, "loadavg_start": 0.0,
+            "loadavg_end": 0.0, "note": "n", "wall_s": 1.0}
+    first = {"presets": {"p": {"runs": {"fp32": {"x": 1}, "bf16": {"x": 2}}, "bf16_vs_fp32": {"linfac": 1}}},
+             "meta": meta}
+    second = {"presets": {"p": {"runs": {"fp32": {"x": 3}}}}, "meta": meta}
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(first))
+    b.write_text(json.dumps(second))
+    merged = scale_report.merge([a, b])["presets"]["p"]
+    assert merged["runs"] == {"fp32": {"x": 3}, "bf16": {"x": 2}} and merged["bf16_vs_fp32"] == {"linfac": 1}
