@@ -1,6 +1,6 @@
 """Real-shape scale benchmark: LinFAC, our EK-FAC and kronfluence's EK-FAC side by side.
 
-    python benchmarks/scale.py                  # the reduced CPU run (below); ~10 min on 2 idle cores
+    python benchmarks/scale.py                  # the reduced CPU run (below); ~7 min on one quiet core
     python benchmarks/scale.py --compare-bf16 --width-sweep 256 768 1024
                                                 # + bf16 vs fp32 and the cost model of docs/scaling.md
     python benchmarks/scale.py --layers 12 --n 256   # full depth (hours on a CPU)
