@@ -171,7 +171,8 @@ def synthetic_queries(world, n: int = 8) -> QuerySet:
 
 # ----------------------------------------------------------------------------- kronfluence
 def kronfluence_scores(model, train: InfluenceData, queries: InfluenceData, cfg: InfluenceConfig,
-                       workdir: Path) -> tuple[torch.Tensor, float, float, int]:
+                       workdir: Path, amp_dtype: torch.dtype | None = None,
+                       phases: dict | None = None) -> tuple[torch.Tensor, float, float, int]:
     """kronfluence 1.0.1 EK-FAC on a deep copy (prepare_model freezes and wraps the model).
 
     Its score is ``grad(measurement)^T H^-1 grad(train loss)`` with no sign of its own. With
@@ -229,16 +230,25 @@ def kronfluence_scores(model, train: InfluenceData, queries: InfluenceData, cfg:
     analyzer = Analyzer("bench", wrapped, task, cpu=device.type == "cpu", disable_tqdm=True,
                         output_dir=str(workdir), log_level=40)
     factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=cfg.fisher == "empirical",
-                                  covariance_max_examples=cfg.fit_samples, lambda_max_examples=cfg.fit_samples)
+                                  covariance_max_examples=cfg.fit_samples, lambda_max_examples=cfg.fit_samples,
+                                  amp_dtype=amp_dtype)
+    # fit_all_factors' three steps, called one by one so each is timed (``phases``, when given).
     started = time.perf_counter()
-    analyzer.fit_all_factors("f", Rows(train), per_device_batch_size=cfg.batch_size, factor_args=factor_args,
-                             overwrite_output_dir=True)
+    steps = {"covariance_s": analyzer.fit_covariance_matrices, "eigendecomposition_s": analyzer.perform_eigendecomposition,
+             "lambda_s": analyzer.fit_lambda_matrices}
+    for key, step in steps.items():
+        t0 = time.perf_counter()
+        data_kw = {} if key == "eigendecomposition_s" else {"dataset": Rows(train), "per_device_batch_size": cfg.batch_size}
+        step(factors_name="f", factor_args=factor_args, overwrite_output_dir=True, **data_kw)
+        if phases is not None:
+            phases[key] = time.perf_counter() - t0
     fit_s = time.perf_counter() - started
     started = time.perf_counter()
     # damping_factor=None: 0.1 x mean eigenvalue, the heuristic our estimators default to.
     analyzer.compute_pairwise_scores("s", "f", Rows(queries), Rows(train), per_device_query_batch_size=len(queries),
                                      per_device_train_batch_size=cfg.batch_size,
-                                     score_args=ScoreArguments(damping_factor=None), overwrite_output_dir=True)
+                                     score_args=ScoreArguments(damping_factor=None, amp_dtype=amp_dtype),
+                                     overwrite_output_dir=True)
     score_s = time.perf_counter() - started
     raw = analyzer.load_pairwise_scores("s")["all_modules"].float().cpu()
     return raw, fit_s, score_s, folder_bytes(workdir / "bench" / "factors_f")

@@ -201,6 +201,7 @@ def train_sft(
     seed_everything(cfg.seed)
     train = encode_pairs(tokenizer, train_prompts, train_responses, max_length)
     heldout = encode_pairs(tokenizer, heldout_prompts, heldout_responses, max_length) if heldout_prompts else None
+    device = next(model.parameters()).device  # batches follow the model (CPU tensors otherwise)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
@@ -244,7 +245,7 @@ def train_sft(
                    leave=False)
         for step in bar:
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            batch = EncodedBatch(train.input_ids[idx], train.attention_mask[idx], train.labels[idx])
+            batch = EncodedBatch(train.input_ids[idx], train.attention_mask[idx], train.labels[idx]).to(device)
             loss = response_nll(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
