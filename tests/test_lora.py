@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from lancet_core.config import ConfigError, ModelConfig, build_config, load_config
 from lancet_core.influence.architectures import linear_maps
+from lancet_core.models.folder import ModelLoadError
 from lancet_core.models.loading import ADAPTER_DIR, attach_adapter, build_model, load_model, save_model, wrap_lora
 from lancet_core.models.tokenizer import train_tokenizer
 
@@ -52,6 +53,10 @@ def test_lora_folder_holds_merged_weights_and_the_adapter_and_loads_back(tmp_pat
     assert not any(p.requires_grad for n, p in back.named_parameters() if "lora_" not in n)
     maps = linear_maps(back)
     assert maps and all("lora_" in m.name for m in maps)
+    # a pickled adapter is refused before PEFT would read it (tests/test_security.py relies on this)
+    (folder / ADAPTER_DIR / "adapter_model.safetensors").rename(folder / ADAPTER_DIR / "adapter_model.bin")
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        attach_adapter(load_model(str(folder)), folder)
 
 
 def test_model_and_correction_lora_together_are_refused():

@@ -7,6 +7,7 @@ Prefect): which stages report ``cached`` after a change says what the change inv
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -51,9 +52,11 @@ def test_wrong_shape_manifest_is_missing_state(tmp_path, caplog):
     with stage_writer(stage, {"x": 1}) as tmp:
         (tmp / "a.txt").write_text("a")
     assert is_complete(stage, {"x": 1})
-    for damaged in ("[1, 2]", '{"inputs": {}}', "\x00\xff garbage", '{"inputs": [], "inputs_key": 3, "files": 1}'):
-        (stage / "manifest.json").write_text(damaged)
-        assert read_manifest(stage) is None and not is_complete(stage, {"x": 1})
+    # The logger's own level: kronfluence (run in-process by other tests) sets the root logger to ERROR.
+    with caplog.at_level(logging.WARNING, logger="lancet_core.storage"):
+        for damaged in ("[1, 2]", '{"inputs": {}}', "\x00\xff garbage", '{"inputs": [], "inputs_key": 3, "files": 1}'):
+            (stage / "manifest.json").write_text(damaged)
+            assert read_manifest(stage) is None and not is_complete(stage, {"x": 1})
     assert "manifest is unreadable (it is torn, garbage or of the wrong shape)" in caplog.text
 
 

@@ -85,8 +85,8 @@ def _saved_tokenizer_class(name_or_path: str):
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     try:
         saved = _saved_tokenizer_class(name_or_path)
-        loader: Any = saved if saved is not None else AutoTokenizer
-        tok = loader.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tokenizer_class: Any = saved if saved is not None else AutoTokenizer
+        tok = tokenizer_class.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers raises many types; the user needs one message
         raise ModelLoadError(f"could not load tokenizer {name_or_path!r}: {err}") from None
     if tok.pad_token is None:
