@@ -26,8 +26,10 @@ TEMPLATE = "influence_report.html.j2"
 SIGN_SENTENCE = ("Sign of a score: positive means training on this sample raises the probability of this unsafe "
                  "answer (it causes it); negative means training on it lowers that probability (it inhibits it).")
 TEXT_COLUMNS = {"prompt", "response", "top_query", "metrics"}
-SAMPLE_COLUMNS = ["rank", "sample_id", "score", "z", *LABEL_COLUMNS, "prompt", "response"]
-POOLED_COLUMNS = ["rank", "sample_id", "score", "z", *LABEL_COLUMNS, "top_query", "prompt", "response"]
+# Reading order (as the MLflow tables): who, what it says, how much; labels last. The text first
+# keeps it in view in MLflow's narrow artifact pane, which otherwise needs a horizontal scroll.
+SAMPLE_COLUMNS = ["rank", "sample_id", "prompt", "response", "score", "z", *LABEL_COLUMNS]
+POOLED_COLUMNS = ["rank", "sample_id", "prompt", "response", "score", "z", "top_query", *LABEL_COLUMNS]
 UNSAFE_COLUMNS = ["probe_id", "category", "phrasing", "decoding", "unsafe_prob", "prompt", "response"]
 MAX_POOLED_ROWS = 50
 
