@@ -100,10 +100,15 @@ class TrackedMap:
         return cast(list[nn.Parameter], [mod.weight] + ([mod.bias] if self.has_bias else []))
 
 
+def is_peft(model) -> bool:
+    """A PEFT wrapper (LoRA etc.) around a causal LM."""
+    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The causal LM under a PEFT wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
+    peft: Any = model  # PeftModel: get_base_model is not on nn.Module's type
+    return peft.get_base_model() if is_peft(model) else model
 
 
 def model_type(model: nn.Module) -> str | None:
@@ -151,8 +156,7 @@ def linear_maps(model: nn.Module) -> list[TrackedMap]:
     check_supported(model)
     base: Any = unwrap_model(model)  # a transformers model: its heads and config are not on nn.Module's type
     head = base.get_output_embeddings()
-    is_peft = base is not model
-    maps = find_linear_maps(base, exclude=(head,) if head is not None else (), trainable_only=is_peft)
+    maps = find_linear_maps(base, exclude=(head,) if head is not None else (), trainable_only=is_peft(model))
     if not maps:
         raise ValueError(f"influence: no trainable linear maps found in the {model_type(model)} model")
     return maps

@@ -42,17 +42,6 @@ def prompt_room(model, max_new_tokens: int) -> int | None:
     return room
 
 
-def _left_padded(rows: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Left padding: decoder-only models continue from the last real token."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-
-
 @torch.no_grad()
 def generate(
     model,
@@ -88,7 +77,8 @@ def generate(
         if room is not None:
             truncated.extend(start + i for i, row in enumerate(ids) if len(row) > room)
             ids = [row[-room:] for row in ids]
-        enc = _left_padded(ids, tokenizer.pad_token_id, device)
+        # Left padding: decoder-only models continue from the last real token.
+        enc = tokenizer.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt").to(device)
         kwargs = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                       eos_token_id=tokenizer.eos_token_id)
         if sample:

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PretrainedConfig
 
 from lancet_core.config import ModelConfig
+from lancet_core.influence.architectures import is_peft
 # Re-exported: callers import ModelLoadError from here.
 from lancet_core.models.folder import ModelLoadError, check_model_folder, has_safetensors  # noqa: F401
 from lancet_core.models.presets import PRESETS
@@ -127,10 +128,6 @@ def wrap_lora(model, rank: int):
 ADAPTER_DIR = "adapter"
 
 
-def is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
-
-
 def attach_adapter(model, model_dir: str | Path):
     """``model`` (loaded from ``model_dir``'s *merged* weights) as the PEFT model that was saved:
     the adapter of ``model_dir/adapter`` is loaded trainable and un-merged from the base weights,
@@ -139,7 +136,7 @@ def attach_adapter(model, model_dir: str | Path):
     from peft import PeftModel
 
     adapter = Path(model_dir) / ADAPTER_DIR
-    if not (adapter / "adapter_config.json").is_file() or not has_safetensors(adapter):
+    if not has_adapter(model_dir) or not has_safetensors(adapter):
         raise ModelLoadError(f"model folder {model_dir}: expected a PEFT adapter (adapter_config.json and "
                              f"safetensors) in {adapter}")
     try:
