@@ -262,6 +262,7 @@ class DivergenceMonitor:
         self.ref_responses: list[str] | None = None
         self.start_utility: float = float("nan")
         self.start_nll: float = float("nan")
+        self._nll_batch: EncodedBatch | None = None
         self.utility_guarded = False
         self.measure = "off: not started"
 
@@ -273,8 +274,9 @@ class DivergenceMonitor:
         """Mean response-token NLL of the held-out safe answers (teacher-forced: one forward pass)."""
         if not self.prompts:
             return float("nan")
-        batch = encode_pairs(self.tokenizer, self.prompts, self.answers, self.max_length)
-        return float(evaluate_nll(model, batch.to(next(model.parameters()).device)))
+        if self._nll_batch is None:  # the same rows at every check: encoded once
+            self._nll_batch = encode_pairs(self.tokenizer, self.prompts, self.answers, self.max_length)
+        return float(evaluate_nll(model, self._nll_batch))  # it moves each slice to the model's device
 
     def kl(self, model) -> float:
         if self.ref_responses is None:
