@@ -160,7 +160,30 @@ def flagged_queries(wm: dict, max_queries: int | None = None) -> tuple[QuerySet,
     probs = RuleDetector(cfg.detector.threshold).score(list(probes["prompt"]), responses)
     unsafe = probes.assign(response=responses, unsafe_prob=probs)[probs >= cfg.detector.threshold]
     qcfg = cfg.queries.model_copy(update={"max_queries": max_queries} if max_queries else {})
+    wm["carried_rate"] = carried_rate(world, probes, responses)
     return build_queries(unsafe, qcfg), float(len(unsafe) / max(len(probes), 1))
+
+
+def carried_rate(world, probes, responses: list[str]) -> float:
+    """Share of planted-category probes whose answer carries the planted content (ground truth,
+    not the detector: world.carries_planted_behaviour)."""
+    from lancet_core.data.world import carries_planted_behaviour
+
+    hits = [carries_planted_behaviour(r, c) for r, c in zip(responses, probes["category"], strict=True)]
+    return float(np.mean(hits)) if hits else 0.0
+
+
+def sign_split(scores: np.ndarray, planted: np.ndarray) -> dict:
+    """Is the planted family found but split by sign? recall@K of |score| (the planted samples among
+    the K largest magnitudes) and the share of planted samples scored above zero. On the behaviour
+    world a planted sample raises the generated answer when its phrasing agrees with the words the
+    model chose and lowers it when it competes with them (docs/linfac.md section 8)."""
+    k = int(planted.sum())
+    if not k:
+        return {}
+    top_abs = np.argsort(-np.abs(np.nan_to_num(scores)), kind="stable")[:k]
+    return {"recall_at_k_abs": round(float(planted[top_abs].mean()), 4),
+            "planted_positive_share": round(float((scores[planted] > 0).mean()), 4)}
 
 
 def synthetic_queries(world, n: int = 8) -> QuerySet:
@@ -359,6 +382,7 @@ def benchmark(wm: dict, methods: list[str], icfg: InfluenceConfig, device: str, 
             stats.update(k_reproduced=int(said.sum()),
                          recall_at_k_reproduced=recall_at_k(aggregates[method], said) if said.any() else None,
                          auroc_reproduced=auroc(aggregates[method], said) if said.any() else None)
+            stats.update(sign_split(aggregates[method], train_df["planted"].to_numpy()))
         if method == "kronfluence":
             aggregates["_kron_raw"] = aggregate(-matrix, qset.weights)
     if "ekfac" in aggregates:
@@ -392,11 +416,11 @@ def print_table(title: str, methods: dict) -> None:
     kron_total = (kron.get("fit_s", 0) + kron.get("score_s", 0)) if "fit_s" in kron else None
     table = Table(title=title)
     for col in ("method", "fit s", "score s", "CPU s", "speed-up vs kronfluence", "peak RSS MB", "factor MB",
-                "recall@K", "AUROC", "recall@K' repro", "ρ vs ekfac", "score/SFT step"):
+                "recall@K", "AUROC", "recall@K |s|", "planted >0", "recall@K' repro", "ρ vs ekfac", "score/SFT step"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for name, s in methods.items():
         if "error" in s:
-            table.add_row(name, f"[red]{s['error'][:90]}[/red]", *[""] * 10)
+            table.add_row(name, f"[red]{s['error'][:90]}[/red]", *[""] * 12)
             continue
         total = s["fit_s"] + s["score_s"]
         speedup = kron_total / total if kron_total and total > 0 else None
@@ -404,6 +428,7 @@ def print_table(title: str, methods: dict) -> None:
                       _fmt(speedup, ".1f") +
                       ("x" if speedup else ""), _fmt(s["peak_rss_mb"], ".0f"), _fmt(s["factor_bytes"] / 2**20, ".2f"),
                       _fmt(s.get("recall_at_k"), ".3f"), _fmt(s.get("auroc"), ".3f"),
+                      _fmt(s.get("recall_at_k_abs"), ".3f"), _fmt(s.get("planted_positive_share"), ".2f"),
                       _fmt(s.get("recall_at_k_reproduced"), ".3f"), _fmt(s.get("spearman_vs_ekfac"), ".3f"), _fmt(s.get("score_vs_sft_step"), ".2f"))
     Console(width=200).print(table)
 
@@ -513,10 +538,11 @@ def main(argv=None) -> dict:
                 continue
             res = benchmark(wm, args.methods or ALL_METHODS, icfg, args.device, DTYPES[args.dtype], qset,
                             measurements=tuple(args.measurement))
-            res.update(train_s=round(wm["train_s"], 1), train_cpu_s=round(wm["train_cpu_s"], 1), flagged_rate=flagged, n_planted=int(wm["world"].train.planted.sum()))
+            res.update(train_s=round(wm["train_s"], 1), train_cpu_s=round(wm["train_cpu_s"], 1), flagged_rate=flagged, carried_rate=wm.get("carried_rate"), n_planted=int(wm["world"].train.planted.sum()))
             per_seed[seed] = res
             print_table(f"{args.variant} world, seed {seed}: n_train={res['n_train']}, "
-                        f"{res['n_queries']} queries ({res['n_generations_merged']} flagged generations), "
+                        f"{res['n_queries']} queries ({res['n_generations_merged']} flagged generations; planted content "
+                        f"carried on {_fmt(res.get('carried_rate'), '.2f')} of the planted-category probes), "
                         f"K={res['n_planted']}, factors fit on {icfg.fit_samples or 'all'}; SFT step {1e3 * res['sft_step_s_per_sample']:.2f} ms/sample",
                         res["methods"])
         first = per_seed[args.seeds[0]]
