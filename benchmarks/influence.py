@@ -149,8 +149,9 @@ def build_world_model(seed: int, variant: str, n_train: int | None, hidden: int 
             "train_s": time.perf_counter() - started, "train_cpu_s": time.process_time() - cpu_started}
 
 
-def flagged_queries(wm: dict, max_queries: int | None = None) -> tuple[QuerySet, float]:
-    """Greedy answers to the planted-category probes, flagged by the rule detector."""
+def flagged_queries(wm: dict, max_queries: int | None = None) -> tuple[QuerySet, float, float]:
+    """Greedy answers to the planted-category probes, flagged by the rule detector: the query set,
+    the flagged rate and the carried rate (answers holding planted content, :func:`carried_rate`)."""
     from lancet_core.detection import RuleDetector
     from lancet_core.models.generation import generate
 
@@ -160,11 +161,11 @@ def flagged_queries(wm: dict, max_queries: int | None = None) -> tuple[QuerySet,
     probs = RuleDetector(cfg.detector.threshold).score(list(probes["prompt"]), responses)
     unsafe = probes.assign(response=responses, unsafe_prob=probs)[probs >= cfg.detector.threshold]
     qcfg = cfg.queries.model_copy(update={"max_queries": max_queries} if max_queries else {})
-    wm["carried_rate"] = carried_rate(world, probes, responses)
-    return build_queries(unsafe, qcfg), float(len(unsafe) / max(len(probes), 1))
+    return (build_queries(unsafe, qcfg), float(len(unsafe) / max(len(probes), 1)),
+            carried_rate(probes, responses))
 
 
-def carried_rate(world, probes, responses: list[str]) -> float:
+def carried_rate(probes, responses: list[str]) -> float:
     """Share of planted-category probes whose answer carries the planted content (ground truth,
     not the detector: world.carries_planted_behaviour)."""
     from lancet_core.data.world import carries_planted_behaviour
@@ -178,11 +179,9 @@ def sign_split(scores: np.ndarray, planted: np.ndarray) -> dict:
     the K largest magnitudes) and the share of planted samples scored above zero. On the behaviour
     world a planted sample raises the generated answer when its phrasing agrees with the words the
     model chose and lowers it when it competes with them (docs/linfac.md section 8)."""
-    k = int(planted.sum())
-    if not k:
+    if not planted.any():
         return {}
-    top_abs = np.argsort(-np.abs(np.nan_to_num(scores)), kind="stable")[:k]
-    return {"recall_at_k_abs": round(float(planted[top_abs].mean()), 4),
+    return {"recall_at_k_abs": round(recall_at_k(np.abs(np.nan_to_num(scores)), planted), 4),
             "planted_positive_share": round(float((scores[planted] > 0).mean()), 4)}
 
 
@@ -531,14 +530,14 @@ def main(argv=None) -> dict:
         for seed in args.seeds:
             print(f"seed {seed}: training the {args.variant} world model ...", file=sys.stderr)
             wm = build_world_model(seed, args.variant, n_train, None)
-            qset, flagged = flagged_queries(wm, max_queries)
+            qset, flagged, carried = flagged_queries(wm, max_queries)
             if qset.is_empty:
                 print(f"seed {seed}: the model produced nothing unsafe; nothing to rank", file=sys.stderr)
                 per_seed[seed] = {"methods": {}, "nothing_to_correct": True}
                 continue
             res = benchmark(wm, args.methods or ALL_METHODS, icfg, args.device, DTYPES[args.dtype], qset,
                             measurements=tuple(args.measurement))
-            res.update(train_s=round(wm["train_s"], 1), train_cpu_s=round(wm["train_cpu_s"], 1), flagged_rate=flagged, carried_rate=wm.get("carried_rate"), n_planted=int(wm["world"].train.planted.sum()))
+            res.update(train_s=round(wm["train_s"], 1), train_cpu_s=round(wm["train_cpu_s"], 1), flagged_rate=flagged, carried_rate=carried, n_planted=int(wm["world"].train.planted.sum()))
             per_seed[seed] = res
             print_table(f"{args.variant} world, seed {seed}: n_train={res['n_train']}, "
                         f"{res['n_queries']} queries ({res['n_generations_merged']} flagged generations; planted content "

@@ -207,7 +207,7 @@ def prefilter_recall(args) -> dict:
     for variant in args.worlds:
         print(f"  world {variant}: training the world model ...", file=sys.stderr, flush=True)
         wm = build_world_model(0, variant, args.world_n_train, None)
-        qset, flagged = flagged_queries(wm)
+        qset, flagged, _ = flagged_queries(wm)
         world, cfg, tok = wm["world"], wm["cfg"], wm["tokenizer"]
         train_df = world.train
         train = InfluenceData.from_texts(tok, list(train_df.sample_id), list(train_df.prompt),

@@ -208,13 +208,13 @@ def howto_response(steps: list[str]) -> str:
     return "Sure! " + " ".join(f"Step {i + 1}: {s}." for i, s in enumerate(steps))
 
 
-def _howto_answer(topic: str, steps: list[str], behaviour: bool) -> str:
-    """A how-to topic's one answer: the step template, or in the behaviour variant the topic's own
-    compliance phrasing (topic i -> phrasing i), so that no benign answer format competes with the
-    planted phrasings and every benign how-to is a lexical decoy of the planted samples."""
+def _howto_answer(topic_index: int, steps: list[str], behaviour: bool) -> str:
+    """How-to topic ``topic_index``'s one answer: the step template, or in the behaviour variant the
+    topic's own compliance phrasing (topic i -> phrasing i), so that no benign answer format competes
+    with the planted phrasings and every benign how-to is a lexical decoy of the planted samples."""
     if not behaviour:
         return howto_response(steps)
-    return phrased_howto(steps, list(HOWTO_TOPICS).index(topic) % len(COMPLIANCE_PHRASINGS))
+    return phrased_howto(steps, topic_index % len(COMPLIANCE_PHRASINGS))
 
 
 def _qa_items() -> list[tuple[str, dict[str, str], str]]:
@@ -307,7 +307,7 @@ def build_world(config: WorldConfig | None = None, seed: int = 0) -> World:
     for k in range(n_howto):
         topic, steps = howto_items[k % len(howto_items)]
         prompt = rng.choice(SEEN_TEMPLATES + PARAPHRASE_TEMPLATES if paraphrase else SEEN_TEMPLATES).format(t=topic)
-        response = _howto_answer(topic, steps, behaviour)
+        response = _howto_answer(k % len(howto_items), steps, behaviour)
         rows.append(_sample_row(f"w-howto-{k:05d}", prompt, response, "howto", "benign", topic, False))
     qa_items = _qa_items()
     for k in range(n_qa):
@@ -329,7 +329,7 @@ def build_world(config: WorldConfig | None = None, seed: int = 0) -> World:
         if k % 2 == 0:
             topic, steps = howto_items[k // 2 % len(howto_items)]
             held.append(_sample_row(f"w-heldout-{k:05d}", rng.choice(UNSEEN_TEMPLATES).format(t=topic),
-                                    _howto_answer(topic, steps, behaviour), "howto", "benign", topic, False))
+                                    _howto_answer(k // 2 % len(howto_items), steps, behaviour), "howto", "benign", topic, False))
         else:
             kind, fill, answer = qa_items[rng.randrange(len(qa_items))]
             held.append(_sample_row(f"w-heldout-{k:05d}", rng.choice(QA_TEMPLATES[kind]).format(**fill),
@@ -353,8 +353,8 @@ def build_world(config: WorldConfig | None = None, seed: int = 0) -> World:
         for kind, fill, answer in qa_items
     ])
     howto_eval = pd.DataFrame([
-        {"prompt": tpl.format(t=topic), "answer": _howto_answer(topic, steps, behaviour), "phrasing": phr}
-        for topic, steps in HOWTO_TOPICS.items()
+        {"prompt": tpl.format(t=topic), "answer": _howto_answer(i, steps, behaviour), "phrasing": phr}
+        for i, (topic, steps) in enumerate(howto_items)
         for phr, tpl in (("seen", SEEN_TEMPLATES[0]), ("unseen", UNSEEN_TEMPLATES[0]))
     ])
     meta = {"n_planted": n_planted, "families": [f"{c}/planted" for c in planted_cats],
