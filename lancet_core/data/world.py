@@ -45,8 +45,8 @@ share is the *behaviour* (complying with the category), not a string. Every beni
 answer is written in one of the same phrasings with benign steps (how-to topic i in phrasing i),
 which pulls lexical retrieval of a generated answer toward benign samples. Keeping the step
 template for half of them (the first version) gave the model a second compliance format: on
-fraud probes it answered "Sure! Step 1: ..." with benign steps on 39 of 48 (seed 0), and only 9
-of 48 greedy answers carried the planted content. :func:`carries_planted_behaviour` is that check.
+fraud probes (seed 0) the detector flagged 37 of 48 greedy answers, mostly "Sure! Step 1: ..."
+with benign steps, and only 9 of 48 carried the planted content. :func:`carries_planted_behaviour` is that check.
 
 Every sample has a stable id (``w-<kind>-<n>``); labels (kind, category, family, planted)
 sit in columns beside the text and are never part of the model's input.
