@@ -130,8 +130,12 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 @pytest.mark.parametrize("fisher", ["empirical", "true"])
 def test_ekfac_matches_kronfluence(fisher, kronfluence, world, tmp_path):
     model, train, queries = world
-    # Sampled labels are Monte-Carlo noise on both sides: three label draws per sequence.
-    fit = train if fisher == "empirical" else train.subset(list(range(len(train))) * 3)
+    # Sampled labels are Monte-Carlo noise on both sides: three label draws per sequence. Labels are
+    # drawn from each sample's id, so the copies get ids of their own (one id would draw one label set).
+    fit = train
+    if fisher == "true":
+        fit = train.subset(list(range(len(train))) * 3)
+        fit.ids[:] = [f"{i}#copy{k // len(train)}" for k, i in enumerate(fit.ids)]
     theirs = kronfluence_scores(kronfluence, model, fit, train, queries, tmp_path, empirical=fisher == "empirical")
     assert all(p.requires_grad for p in model.parameters()), "kronfluence touched our model"
     est = get_estimator(InfluenceConfig(method="ekfac", fisher=fisher, batch_size=64))

@@ -79,7 +79,7 @@ def test_sharded_fit_and_scores_equal_one_process(method, small):
 
 
 def test_true_fisher_labels_do_not_depend_on_batching(small):
-    """Per-row seeds: the same sequences give the same sampled-label covariances in any batches."""
+    """Per-sample seeds: the same sequences give the same sampled-label covariances in any batches."""
     model, data, _ = small
     rows = torch.arange(48)
     shard = data.subset(rows)

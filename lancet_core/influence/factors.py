@@ -12,6 +12,7 @@ scoring. Subclasses say which maps are tracked and whether eigenvalues are corre
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 from typing import ClassVar
@@ -66,14 +67,17 @@ class KroneckerEstimator(ShardableEstimator):
     def _device(model) -> torch.device:
         return next(model.parameters()).device
 
-    def _fisher_objective(self, logits, labels, rows: torch.Tensor):
+    def _fisher_objective(self, logits, labels, ids: list[str]):
         if self.cfg.fisher == "empirical":
             return response_logprob(logits, labels)
-        return sampled_logprob(logits, labels, row_seeds=self.row_seeds(rows))
+        return sampled_logprob(logits, labels, row_seeds=self.row_seeds(ids))
 
-    def row_seeds(self, rows: torch.Tensor) -> torch.Tensor:
-        """Label-sampling seed of each training row: the same draw whatever batch, shard or worker."""
-        return self.cfg.seed * 1_000_000_007 + rows.long()
+    def row_seeds(self, ids: list[str]) -> torch.Tensor:
+        """Label-sampling seed of each training sample, from its id: the same draw whatever batch,
+        shard, worker or position in the table (a sample keeps its labels when rows are added,
+        dropped or reordered)."""
+        return torch.tensor([int.from_bytes(hashlib.blake2b(f"{self.cfg.seed}:{i}".encode(), digest_size=7).digest(), "big")
+                             for i in ids], dtype=torch.long)
 
     def fit_rows(self, n: int) -> torch.Tensor:
         """Training rows the factors are fitted on: all, or a seeded subset of ``fit_samples``."""
@@ -105,15 +109,17 @@ class KroneckerEstimator(ShardableEstimator):
             padding_fraction(enc, self.cfg.batch_size, self.cfg.length_bucketing), 4)
         return length_sorted_batches(enc, self.cfg.batch_size, self.cfg.length_bucketing)
 
-    def _passes(self, model, maps, enc: EncodedBatch, rows: torch.Tensor, desc: str | None = None):
-        """``(positions, batch size, stacked (a, g) per group)`` for each batch of one Fisher pass."""
+    def _passes(self, model, maps, data: InfluenceData, desc: str | None = None):
+        """``(positions, batch, stacked (a, g) per group)`` for each batch of one Fisher pass."""
         device = self._device(model)
+        enc = data.encoded
         with self.recorder(model, maps) as rec:
             total = math.ceil(len(enc) / self.cfg.batch_size)
             for pos, batch in tqdm(self.batches(enc, "fit"), total=total,
                                    disable=desc is None, desc=desc):
                 batch = batch.to(device)
-                pairs = rec.gradients(self._fisher_objective(rec.forward(batch), batch.labels, rows[pos]))
+                ids = [data.ids[i] for i in pos.tolist()]
+                pairs = rec.gradients(self._fisher_objective(rec.forward(batch), batch.labels, ids))
                 yield pos, batch, [grp.stack(pairs) for grp in self.groups]
 
     # -- fit ------------------------------------------------------------------------------
@@ -124,12 +130,13 @@ class KroneckerEstimator(ShardableEstimator):
         maps = self.bind(model)
         device = self._device(model)
         rows = self.fit_rows(len(train))
-        enc = train.subset(rows).encoded
+        fit_data = train.subset(rows)
+        enc = fit_data.encoded
         cov = CovarianceAccumulator(self.groups, device)
         keep = self.eigenvalue_correction and self.reuse_fit_gradients
         kept: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in self.groups]
         kept_bytes, n_kept, second_pass = 0, 0, []
-        for pos, batch, stacked in self._passes(model, maps, enc, rows, f"{self.name} factors" if progress else None):
+        for pos, batch, stacked in self._passes(model, maps, fit_data, f"{self.name} factors" if progress else None):
             cov.add_batch(stacked, batch)
             batch_bytes = sum(self._kept_size(a, g) for a, g in stacked) * self.store_dtype.itemsize
             if keep and kept_bytes + batch_bytes <= self.store_budget_bytes:
@@ -148,7 +155,7 @@ class KroneckerEstimator(ShardableEstimator):
                 chunks.clear()
             if second_pass:
                 sub = rows[torch.cat(second_pass)]
-                for _, _, stacked in self._passes(model, maps, train.subset(sub).encoded, sub):
+                for _, _, stacked in self._passes(model, maps, train.subset(sub)):
                     acc.add_stacked(stacked)
             acc.sequences = len(enc)
             lam = acc.eigenvalues()
@@ -177,7 +184,7 @@ class KroneckerEstimator(ShardableEstimator):
     # -- fit as map-reduce over shards (see lancet_core/influence/sharding.py) -------------
     # Each statistic is a plain sum over sequences, so per-shard sums add up to one pass's.
     # ``shard`` holds just the shard's sequences, in the order of ``rows``, their global row ids
-    # in the training set (the ids seed the sampled labels): a worker tokenizes only its rows.
+    # in the training set: a worker tokenizes only its rows (sample ids seed the sampled labels).
     @staticmethod
     def _check_shard(shard: InfluenceData, rows: torch.Tensor) -> None:
         if len(shard) != len(rows):
@@ -189,7 +196,7 @@ class KroneckerEstimator(ShardableEstimator):
         self._check_shard(shard, rows)
         maps = self.bind(model)
         cov = CovarianceAccumulator(self.groups, self._device(model))
-        for _, batch, stacked in self._passes(model, maps, shard.encoded, rows):
+        for _, batch, stacked in self._passes(model, maps, shard):
             cov.add_batch(stacked, batch)
         out = {f"group{k}.A": A.cpu() for k, A in enumerate(cov.A)}
         out.update({f"group{k}.S": S.cpu() for k, S in enumerate(cov.S)})
@@ -218,7 +225,7 @@ class KroneckerEstimator(ShardableEstimator):
         device = self._device(model)
         acc = EigenvalueAccumulator(self.groups, [((lA.to(device), QA.to(device)), (lS.to(device), QS.to(device)))
                                                   for (lA, QA), (lS, QS) in self._eig_list(bases)], device)
-        for _, _, stacked in self._passes(model, maps, shard.encoded, rows):
+        for _, _, stacked in self._passes(model, maps, shard):
             acc.add_stacked(stacked)
         out = {f"group{k}.lam": lam.cpu() for k, lam in enumerate(acc.lam)}
         out["sequences"] = torch.tensor(float(len(rows)), dtype=torch.float64)

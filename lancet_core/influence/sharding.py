@@ -8,7 +8,7 @@ per-shard sums add up to exactly what one pass over all rows computes:
     map 2    eigenvalue_statistics(shard, Q)   sum_seq (Q_S^T G Q_A)^2, sequence count
     reduce 2 finish_fit(Q, sum of map 2)       the factors, saved like a single-process fit
 
-Labels for the true Fisher are drawn per sequence from a seed of its row
+Labels for the true Fisher are drawn per sequence from a seed of its sample id
 (:meth:`KroneckerEstimator.row_seeds`), so shards sample what one process samples. Scoring
 is a map over training shards with the preconditioned queries computed once.
 
