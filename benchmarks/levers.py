@@ -249,7 +249,34 @@ def prefilter_recall(args) -> dict:
         row["autocast_bf16"] = {"recall_at_k": round(metrics["recall_at_k"], 4), "auroc": round(metrics["auroc"], 4),
                                 "k": metrics["k"], "fit_score_s": round(time.perf_counter() - started, 2),
                                 **agreement(matrix, full, top=100)}
+        row["bf16_decomposition"] = bf16_decomposition(wm["model"], train, queries, icfg, est, bf16, full)
         out[variant] = row
+    return out
+
+
+def bf16_decomposition(model, train, queries, icfg: InfluenceConfig, fp32_est, bf16_est, full) -> dict:
+    """Where bf16's disagreement comes from: bf16 only in the fit (fp32 scoring) or only in the
+    scoring (fp32 factors), against the fp32 estimator's own Monte-Carlo floor (another seed for
+    the fit subset and the sampled labels, all in fp32), and bf16 in the fit under data labels
+    (empirical Fisher: fp32 vs bf16 fits, nothing sampled). Measured on the paraphrase world: the
+    gap is the fit's sampled labels, which bf16 logits re-draw, not rounding (docs/linfac.md 10)."""
+    out = {}
+    for name, est, autocast in (("bf16_fit_only", bf16_est, "none"), ("bf16_score_only", fp32_est, "bfloat16")):
+        fitted_cfg = est.cfg
+        est.cfg = est.cfg.model_copy(update={"autocast": autocast, "prefilter_top_m": None})
+        out[name] = agreement(est.score(model, queries, train), full, top=100)
+        est.cfg = fitted_cfg
+    other = get_estimator(icfg.model_copy(update={"seed": icfg.seed + 1}))
+    other.fit(model, train)
+    out["fp32_other_seed"] = agreement(other.score(model, queries, train), full, top=100)
+    # with data labels (empirical Fisher) nothing is sampled: what bf16 rounding alone does to the fit
+    empirical = {}
+    for autocast in ("none", "bfloat16"):
+        est = get_estimator(icfg.model_copy(update={"fisher": "empirical", "autocast": autocast}))
+        est.fit(model, train)
+        est.cfg = est.cfg.model_copy(update={"autocast": "none"})
+        empirical[autocast] = est.score(model, queries, train)
+    out["bf16_fit_only_empirical_fisher"] = agreement(empirical["bfloat16"], empirical["none"], top=100)
     return out
 
 
@@ -284,6 +311,10 @@ def print_report(res: dict) -> None:
             elif key == "autocast_bf16":
                 print(f"  bf16 autocast: recall@{e['k']} {e['recall_at_k']:.3f}, Spearman vs fp32 {e['spearman']:.3f}, "
                       f"top-100 overlap {e['top100_overlap']:.2f}, relative error {e['relative_error']:.1e}")
+            elif key == "bf16_decomposition":
+                for part, a in e.items():
+                    print(f"    {part:<30} Spearman vs fp32 {a['spearman']:.3f}, top-100 overlap {a['top100_overlap']:.2f}, "
+                          f"relative error {a['relative_error']:.1e}")
             elif isinstance(e, dict):
                 extra = f", planted among candidates {e['planted_in_candidates']:.3f}" if "planted_in_candidates" in e else ""
                 print(f"  {key:<10} recall@{e['k']} {e['recall_at_k']:.3f}  auroc {e['auroc']:.3f}  "
