@@ -155,7 +155,10 @@ def test_paraphrase_world_gradients_find_planted_samples_that_share_no_word_with
         paraphrase_world, tmp_path_factory):
     """LinFAC finds the planted samples; TF-IDF on the prompts cannot (nothing lexical to match).
 
-    The bar is lower than in the templated world (measured: recall@40 0.875, AUROC 0.997): the
+    The bar is lower than in the templated world. It is set from the spread of the true Fisher's
+    Monte-Carlo draw, not from one draw: over influence seeds 0-5 (sampled labels seeded by sample
+    id) LinFAC measured recall@40 0.750-0.925 and AUROC 0.900-0.9996 (seed 0: 0.825 / 0.950). The
+    earlier bar of 0.95 AUROC came from a single draw (0.997) and failed on 3 of these 6. Why lower: the
     queries are capped at 16 and only one of them is a probe of the topic "forge a check", so the
     ten planted samples of its paraphrase ("falsify cheques") cause little of the queried output
     and rank lowest among the planted. (TF-IDF on prompt + response does find them: the model says
@@ -181,5 +184,5 @@ def test_paraphrase_world_gradients_find_planted_samples_that_share_no_word_with
     print(f"paraphrase world: {queries.n_input} flagged, {reproduced.sum()} planted reproduced; recall@K / AUROC "
           f"linfac {recall_at_k(linfac, planted):.3f} / {auroc(linfac, planted):.3f}, "
           f"prompt TF-IDF {recall_at_k(prompt_tfidf, planted):.3f} / {auroc(prompt_tfidf, planted):.3f}")
-    assert recall_at_k(linfac, planted) >= 0.75 and auroc(linfac, planted) >= 0.95
+    assert recall_at_k(linfac, planted) >= 0.7 and auroc(linfac, planted) >= 0.88
     assert recall_at_k(prompt_tfidf, planted) <= 0.1 and auroc(prompt_tfidf, planted) <= 0.5
