@@ -1,6 +1,6 @@
 """Which query measurement finds the planted family on the behaviour world? (issue 14 diagnosis)
 
-    python benchmarks/behaviour_measurements.py --seeds 0 1 2            # ~5 min on 2 idle cores
+    python benchmarks/behaviour_measurements.py --seeds 0 1 2            # 2.5-4.5 min per seed, 2 cores
     python benchmarks/behaviour_measurements.py --seeds 0 1 --hidden 256  # a wider model
 
 Same world, model and flagged greedy queries as ``benchmarks/influence.py --variant behaviour``.
@@ -28,19 +28,19 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from influence import build_world_model, flagged_queries  # noqa: E402
 
+from benchmarks.influence import build_world_model, flagged_queries  # noqa: E402
 from lancet_core.config import InfluenceConfig  # noqa: E402
+from lancet_core.correction.base import precompute_logprobs  # noqa: E402
 from lancet_core.influence import get_estimator  # noqa: E402
 from lancet_core.influence.base import InfluenceData  # noqa: E402
 from lancet_core.influence.measurement import DEFAULT_SAFE_RESPONSE  # noqa: E402
 from lancet_core.influence.metrics import auroc, recall_at_k  # noqa: E402
-from lancet_core.models.encoding import IGNORE_INDEX, EncodedBatch, sequence_logprob  # noqa: E402
+from lancet_core.models.encoding import IGNORE_INDEX, EncodedBatch  # noqa: E402
 
 SHARED_TOKENS = ("[", "FRAUD", "[FRAUD")
 
@@ -57,11 +57,6 @@ def only_shared_tokens(tok, data: InfluenceData) -> InfluenceData:
         keep = torch.tensor([tok.decode([int(t)]).strip() in SHARED_TOKENS for t in labels[i, pos]])
         labels[i, pos[~keep]] = IGNORE_INDEX
     return replace(data, encoded=EncodedBatch(data.encoded.input_ids, data.encoded.attention_mask, labels))
-
-
-@torch.no_grad()
-def logprobs(model, data: InfluenceData, batch: int = 256) -> torch.Tensor:
-    return torch.cat([sequence_logprob(model, data.encoded.slice(k, k + batch)) for k in range(0, len(data), batch)])
 
 
 def run_seed(seed: int, hidden: int | None, methods: list[str], fit_samples: int) -> dict:
@@ -84,7 +79,7 @@ def run_seed(seed: int, hidden: int | None, methods: list[str], fit_samples: int
         "benign": rows(tok, [b for _ in prompts for b in benign], [a for a in answers for _ in benign], ml, "b"),
         "shared": only_shared_tokens(tok, own),
     }
-    pool_w = torch.softmax(logprobs(model, data["pool"]).view(nq, len(pool)).double(), 1).numpy()
+    pool_w = torch.softmax(precompute_logprobs(model, data["pool"].encoded).view(nq, len(pool)).double(), 1).numpy()
     out = {"seed": seed, "hidden": hidden or wm["cfg"].model.hidden_size, "queries": nq, "flagged_rate": flagged,
            "carried_rate": carried, "pool": len(pool), "methods": {}}
     for method in methods:
