@@ -349,7 +349,8 @@ MARGIN_METHODS = ("linfac", "ekfac", "identity")
 
 
 def benchmark(wm: dict, methods: list[str], icfg: InfluenceConfig, device: str, dtype: torch.dtype,
-              qset: QuerySet, with_quality: bool = True, measurements: tuple[str, ...] = ("logprob",)) -> dict:
+              qset: QuerySet, with_quality: bool = True, measurements: tuple[str, ...] = ("logprob",),
+              aggregations: tuple[str, ...] = ("mean",)) -> dict:
     model = wm["model"].to(device=device, dtype=dtype)
     tok, world, cfg = wm["tokenizer"], wm["world"], wm["cfg"]
     train_df = world.train
@@ -370,25 +371,34 @@ def benchmark(wm: dict, methods: list[str], icfg: InfluenceConfig, device: str, 
         print(" " + done, file=sys.stderr)
         if matrix is None:
             continue
-        aggregates[method] = aggregate(matrix, qset.weights)
-        if with_quality:
-            table = build_scores_table(matrix, train.ids, qset.ids, qset.weights, train=train_df)
-            m = ranking_metrics(table)
-            stats.update(recall_at_k=m["recall_at_k"], auroc=m["auroc"], precision_at_k=m["precision_at_k"],
-                         k=m["k"], random_recall_at_k=m["random_recall_at_k"])
-            # The planted samples whose response the model actually said: the causes of these outputs.
-            said = reproduced_mask(train_df, qset.table["response"])
-            stats.update(k_reproduced=int(said.sum()),
-                         recall_at_k_reproduced=recall_at_k(aggregates[method], said) if said.any() else None,
-                         auroc_reproduced=auroc(aggregates[method], said) if said.any() else None)
-            stats.update(sign_split(aggregates[method], train_df["planted"].to_numpy()))
+        # One matrix, every aggregation: "<method>" is the mean over queries, "<method>@max" the max.
+        timing = dict(stats)
+        for how in aggregations:
+            name = method if how == "mean" else f"{method}@{how}"
+            row = stats if how == "mean" else dict(timing, aggregation=how)
+            results[name] = row
+            aggregates[name] = aggregate(matrix, qset.weights, how=how)
+            if with_quality:
+                table = build_scores_table(matrix, train.ids, qset.ids, qset.weights, train=train_df, aggregation=how)
+                m = ranking_metrics(table)
+                row.update(recall_at_k=m["recall_at_k"], auroc=m["auroc"], precision_at_k=m["precision_at_k"],
+                           k=m["k"], random_recall_at_k=m["random_recall_at_k"])
+                # The planted samples whose response the model actually said: the causes of these outputs.
+                said = reproduced_mask(train_df, qset.table["response"])
+                row.update(k_reproduced=int(said.sum()),
+                           recall_at_k_reproduced=recall_at_k(aggregates[name], said) if said.any() else None,
+                           auroc_reproduced=auroc(aggregates[name], said) if said.any() else None)
+                row.update(sign_split(aggregates[name], train_df["planted"].to_numpy()))
+        if "mean" not in aggregations:
+            results.pop(method)
         if method == "kronfluence":
             aggregates["_kron_raw"] = aggregate(-matrix, qset.weights)
     if "ekfac" in aggregates:
         for method, agg in aggregates.items():
-            if method in results:
-                results[method]["spearman_vs_ekfac"] = round(spearman(agg, aggregates["ekfac"]), 4)
-        if "_kron_raw" in aggregates:  # the sign check: un-negated kronfluence vs our EK-FAC
+            reference = "ekfac" + method[method.index("@"):] if "@" in method else "ekfac"
+            if method in results and reference in aggregates:
+                results[method]["spearman_vs_ekfac"] = round(spearman(agg, aggregates[reference]), 4)
+        if "_kron_raw" in aggregates and "kronfluence" in results:  # the sign check: un-negated kronfluence vs our EK-FAC
             results["kronfluence"]["spearman_unnegated_vs_ekfac"] = round(
                 spearman(aggregates["_kron_raw"], aggregates["ekfac"]), 4)
     sft = sft_step_seconds_per_sample(model, tok, world, cfg)
@@ -473,6 +483,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variant", choices=["templated", "paraphrase", "behaviour"], default="templated")
     p.add_argument("--measurement", nargs="+", choices=["logprob", "margin"], default=["logprob"],
                    help="query measurement(s); margin rows are named <method>+margin")
+    p.add_argument("--aggregation", nargs="+", choices=["mean", "max"], default=["mean"],
+                   help="over queries (queries.aggregation); max rows are named <method>@max, from the same scores")
     p.add_argument("--methods", nargs="+", choices=ALL_METHODS + EXTRA_METHODS, default=None,
                    help=f"default: {' '.join(ALL_METHODS)}; with --scale: {' '.join(SCALE_METHODS)}")
     p.add_argument("--n-train", type=int, default=None, help="training samples (default: the world's 2000)")
@@ -536,7 +548,7 @@ def main(argv=None) -> dict:
                 per_seed[seed] = {"methods": {}, "nothing_to_correct": True}
                 continue
             res = benchmark(wm, args.methods or ALL_METHODS, icfg, args.device, DTYPES[args.dtype], qset,
-                            measurements=tuple(args.measurement))
+                            measurements=tuple(args.measurement), aggregations=tuple(args.aggregation))
             res.update(train_s=round(wm["train_s"], 1), train_cpu_s=round(wm["train_cpu_s"], 1), flagged_rate=flagged, carried_rate=carried, n_planted=int(wm["world"].train.planted.sum()))
             per_seed[seed] = res
             print_table(f"{args.variant} world, seed {seed}: n_train={res['n_train']}, "

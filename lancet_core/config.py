@@ -185,6 +185,11 @@ class QueryConfig(_Section):
     max_queries: int = Field(256, ge=1)
     report_top_k: int = Field(10, ge=1, description="Causing and inhibiting training samples kept per query "
                                                      "(by_query.parquet, the report).")
+    aggregation: Literal["mean", "max"] = Field(
+        "mean", description="One score per training sample from its per-query scores: the weighted mean (its "
+                            "influence on the query set as a whole), or the largest over queries (it strongly "
+                            "causes at least one unsafe output; robust when samples that teach one behaviour "
+                            "in different words compete on each other's outputs: docs/linfac.md section 8).")
     measurement: Literal["logprob", "margin"] = Field(
         "logprob", description="f_q of a query: log p(response | prompt), or its margin over a refusal "
                                "(log p(response | prompt) - log p(refusal | prompt); influence/measurement.py).")

@@ -112,3 +112,5 @@ def test_the_score_cache_key_holds_the_measurement():
     other = data(padded_batch(4, seed=4), "q")
     changed = InfluenceData(margin.ids, margin.prompts, margin.responses, margin.encoded, other)
     assert score_inputs(est, "m", train, changed, qset, est.cfg, QueryConfig(measurement="margin")) != keys[1]
+    by_max = score_inputs(est, "m", train, plain, qset, est.cfg, QueryConfig(aggregation="max"))
+    assert by_max != keys[0] and by_max["aggregation"] == "max"  # another ranking: never the mean's cache

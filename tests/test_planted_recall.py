@@ -125,13 +125,9 @@ def test_tfidf_and_random_baselines(ranked, trained_world, queries):
 
 
 # ---------------------------------------------------------------------------- paraphrase world
-@pytest.fixture(scope="module")
-def paraphrase_world():
-    """The paraphrase world (default size, seed 0), its model and the flagged planted-category probes.
-
-    Planted prompts share no word with any probe (tests/test_world.py); the model links the two
-    phrasings only through benign facts that file both under the planted category.
-    """
+def flagged_variant_world(variant: str) -> dict:
+    """A world variant (default size, seed 0), its trained model and the rule detector's flagged
+    answers to the planted-category probes (``unsafe``: prompt, response, unsafe_prob, ...)."""
     from conftest import train_world_model
 
     from lancet_core.config import LancetConfig
@@ -139,16 +135,27 @@ def paraphrase_world():
     from lancet_core.models.generation import generate
 
     cfg = LancetConfig()
-    cfg.data.world.variant = "paraphrase"
+    cfg.data.world.variant = variant
     trained = train_world_model(cfg)
     world, tokenizer, model = trained["world"], trained["tokenizer"], trained["model"]
     probes = world.probes[world.probes["planted_category"]].reset_index(drop=True)
     responses = generate(model, tokenizer, list(probes["prompt"]), cfg.generation)
     probs = RuleDetector(cfg.detector.threshold).score(list(probes["prompt"]), responses)
     unsafe = probes.assign(response=responses, unsafe_prob=probs)[probs >= cfg.detector.threshold]
-    queries = build_queries(unsafe, cfg.queries.model_copy(update={"max_queries": MAX_QUERIES}))
-    return {"world": world, "tokenizer": tokenizer, "model": model, "cfg": cfg, "queries": queries,
+    return {"world": world, "tokenizer": tokenizer, "model": model, "cfg": cfg, "unsafe": unsafe,
             "n_probes": len(probes)}
+
+
+@pytest.fixture(scope="module")
+def paraphrase_world():
+    """The paraphrase world, its model and the flagged planted-category probes as queries.
+
+    Planted prompts share no word with any probe (tests/test_world.py); the model links the two
+    phrasings only through benign facts that file both under the planted category.
+    """
+    out = flagged_variant_world("paraphrase")
+    out["queries"] = build_queries(out["unsafe"], out["cfg"].queries.model_copy(update={"max_queries": MAX_QUERIES}))
+    return out
 
 
 def test_paraphrase_world_gradients_find_planted_samples_that_share_no_word_with_the_probes(
@@ -186,3 +193,32 @@ def test_paraphrase_world_gradients_find_planted_samples_that_share_no_word_with
           f"prompt TF-IDF {recall_at_k(prompt_tfidf, planted):.3f} / {auroc(prompt_tfidf, planted):.3f}")
     assert recall_at_k(linfac, planted) >= 0.7 and auroc(linfac, planted) >= 0.88
     assert recall_at_k(prompt_tfidf, planted) <= 0.1 and auroc(prompt_tfidf, planted) <= 0.5
+
+
+# ---------------------------------------------------------------------------- behaviour world
+def test_behaviour_world_max_over_queries_finds_the_planted_behaviour(tmp_path_factory):
+    """The behaviour world (seed 0): the 40 planted samples comply in 24 phrasings from disjoint word
+    pools, so a planted sample raises the unsafe answer given in its own phrasing and lowers the
+    ones in competing phrasings. The mean over queries cancels the two (benchmarks/influence.py,
+    seeds 0-2: LinFAC recall@40 0.400-0.500); each sample's largest per-query influence
+    (``queries.aggregation: max``) does not (0.950-0.975; here, through run_ranking: 0.950). TF-IDF over prompt +
+    response is pulled to the benign how-tos that reuse the planted words (recall 0). The bars are
+    the issue's targets: >= 0.8, and >= TF-IDF's + 0.2."""
+    bw = flagged_variant_world("behaviour")
+    world, tok, model, cfg, unsafe = bw["world"], bw["tokenizer"], bw["model"], bw["cfg"], bw["unsafe"]
+    train, planted = world.train, world.train["planted"].to_numpy(bool)
+    factors = tmp_path_factory.mktemp("behaviour_factors")
+
+    def rank(method: str, aggregation: str) -> np.ndarray:
+        qcfg = cfg.queries.model_copy(update={"aggregation": aggregation})
+        res = run_ranking(model, tok, train, build_queries(unsafe, qcfg), InfluenceConfig(method=method,
+                          fit_samples=FIT_SAMPLES), tmp_path_factory.mktemp(f"{method}_{aggregation}"),
+                          query_cfg=qcfg, factors_dir=factors, max_length=cfg.model.max_length, progress=False)
+        return res.table.set_index("sample_id")["score"].reindex(train["sample_id"]).to_numpy()
+
+    by_max, by_mean, tfidf = rank("linfac", "max"), rank("linfac", "mean"), rank("tfidf", "max")
+    recall = {name: recall_at_k(s, planted) for name, s in (("max", by_max), ("mean", by_mean), ("tfidf", tfidf))}
+    print(f"behaviour world: {len(unsafe)} flagged; recall@40 {recall}, AUROC max {auroc(by_max, planted):.3f}")
+    assert recall["max"] >= 0.8 and auroc(by_max, planted) >= 0.9
+    assert recall["max"] >= recall["tfidf"] + 0.2
+    assert recall["max"] >= recall["mean"] + 0.2  # the aggregation, not the estimator, closes the gap

@@ -44,6 +44,35 @@ def test_weights_are_n_merged_and_constant_rows_are_harmless():
         aggregate(scores, np.array([1.0, 1.0]))
 
 
+def test_max_aggregation_is_the_per_sample_max_over_weighted_queries():
+    scores = np.array([[1.0, 2.0, 3.0, np.nan], [3.0, 1.0, 2.0, np.nan], [9.0, 0.0, 0.0, np.nan]])
+    z = standardize_rows(scores)
+    got = aggregate(scores, np.array([2.0, 1.0, 0.0]), how="max")  # a zero-weight query never counts
+    np.testing.assert_allclose(got[:3], np.maximum(z[0], z[1])[:3])
+    assert np.isnan(got[3])  # unscored by every query: stays unscored
+    np.testing.assert_allclose(aggregate(scores[:, :3], standardize=False, how="max"), [9.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="queries.aggregation"):
+        aggregate(scores, how="median")
+
+
+def test_max_keeps_samples_that_cause_one_output_and_lower_the_others():
+    """Two phrasings of one behaviour: planted samples in phrasing A raise query A's output and
+    lower query B's, and the other way round. Their mean over queries cancels to noise level;
+    their max does not."""
+    rng = np.random.default_rng(0)
+    n, k = 400, 20
+    scores = rng.normal(size=(2, n))
+    planted = np.zeros(n, bool)
+    planted[:2 * k] = True
+    scores[0, :k], scores[1, :k] = 6.0, -6.0          # phrasing A
+    scores[0, k:2 * k], scores[1, k:2 * k] = -6.0, 6.0  # phrasing B
+    assert recall_at_k(aggregate(scores), planted) < 0.3
+    assert recall_at_k(aggregate(scores, how="max"), planted) == 1.0
+    table = build_scores_table(scores, [f"s{i}" for i in range(n)], ["qA", "qB"], aggregation="max")
+    assert table.head(2 * k)["sample_id"].map(lambda s: int(s[1:]) < 2 * k).all()
+    assert table["top_query"].head(2 * k).isin(["qA", "qB"]).all()
+
+
 def test_table_ranks_labels_previews_and_single_mode():
     scores = np.array([[0.1, 5.0, -3.0, 1.0], [0.2, 4.0, -1.0, 9.0]])
     train = pd.DataFrame({"sample_id": ["s0", "s1", "s2", "s3"], "prompt": ["p"] * 4,

@@ -8,12 +8,15 @@ gradient norm, so a raw mean over queries is decided by the single largest-norm 
 Each query's row is therefore standardised across training samples (z-score) before the
 queries are averaged, weighted by ``n_merged`` (a merged query stands for that many
 generations). ``QueryConfig.standardize=False`` keeps the raw mean for comparison.
+``QueryConfig.aggregation="max"`` takes each sample's largest per-query score instead: when
+samples teach one behaviour in many phrasings, a sample raises the output in its own phrasing
+and lowers the others, and the mean cancels what the max keeps (docs/linfac.md section 8).
 
 Table columns
 -------------
-``sample_id``; ``score`` (the ranking key: weighted mean of per-query z-scores, or of raw
-scores when not standardising); ``raw_score`` (weighted mean of raw influence, in the
-estimator's units and sign); ``z`` (``score`` standardised across samples); ``rank``
+``sample_id``; ``score`` (the ranking key: weighted mean -- or max -- of per-query z-scores,
+or of raw scores when not standardising); ``raw_score`` (the same aggregate of raw influence,
+in the estimator's units and sign); ``z`` (``score`` standardised across samples); ``rank``
 (1 = most positive); ``top_query`` (the query with the highest z for that sample); in
 single mode one ``q_<query_id>`` column per query (that query's z, or raw score);
 ``prompt_preview``/``response_preview``; and the ground-truth labels (planted, family,
@@ -67,8 +70,13 @@ SCORE_CODE = FIT_CODE + ("lancet_core.queries",)
 
 
 # ----------------------------------------------------------------------------- aggregation
-def aggregate(scores: np.ndarray, weights: np.ndarray | None = None, standardize: bool = True) -> np.ndarray:
-    """One score per training sample: the ``weights``-weighted mean over queries."""
+def aggregate(scores: np.ndarray, weights: np.ndarray | None = None, standardize: bool = True,
+              how: str = "mean") -> np.ndarray:
+    """One score per training sample from a ``[n_queries, n_train]`` matrix.
+
+    ``how="mean"``: the ``weights``-weighted mean over queries. ``how="max"``: the largest score
+    over the queries of positive weight (a sample that strongly causes one unsafe output ranks
+    high even when it lowers the others). A column unscored by every query stays NaN."""
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2:
         raise ValueError(f"aggregate: expected a [n_queries, n_train] matrix, got shape {scores.shape}")
@@ -76,7 +84,14 @@ def aggregate(scores: np.ndarray, weights: np.ndarray | None = None, standardize
     w = np.ones(len(rows)) if weights is None else np.asarray(weights, dtype=np.float64)
     if w.shape != (len(rows),) or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"aggregate: need {len(rows)} non-negative weights with a positive sum, got {w}")
-    return (w / w.sum()) @ rows
+    if how == "mean":
+        return (w / w.sum()) @ rows
+    if how == "max":
+        kept = rows[w > 0]
+        unscored = np.isnan(kept).all(axis=0)
+        best = np.where(np.isnan(kept), -np.inf, kept).max(axis=0)
+        return np.where(unscored, np.nan, best)
+    raise ValueError(f"aggregate: queries.aggregation must be 'mean' or 'max', got {how!r}")
 
 
 def _preview(texts, n: int = PREVIEW_CHARS) -> list[str]:
@@ -93,6 +108,7 @@ def build_scores_table(
     train: pd.DataFrame | None = None,
     labels: pd.DataFrame | None = None,
     allow_unscored: bool = False,
+    aggregation: str = "mean",
 ) -> pd.DataFrame:
     """The ranked table (one row per training sample, in rank order).
 
@@ -112,14 +128,14 @@ def build_scores_table(
         raise ValueError(f"score matrix has {bad} non-finite entries "
                          "(diverged estimator? try more damping or float64)")
     z_rows = standardize_rows(scores)
-    key = aggregate(scores, weights, standardize)
+    key = aggregate(scores, weights, standardize, aggregation)
     scored_key = key[~unscored]
     key_std = scored_key.std() if len(scored_key) else 0.0
     top = np.asarray(query_ids, dtype=object)[np.nan_to_num(z_rows, nan=-np.inf).argmax(axis=0)]
     table = pd.DataFrame({
         "sample_id": list(sample_ids),
         "score": key,
-        "raw_score": aggregate(scores, weights, standardize=False),
+        "raw_score": aggregate(scores, weights, standardize=False, how=aggregation),
         "z": (key - scored_key.mean()) / key_std if key_std > 0 else np.where(unscored, np.nan, 0.0),
         "top_query": np.where(unscored, None, top),
     })
@@ -326,7 +342,7 @@ def score_inputs(est: InfluenceEstimator, model_id: str, train_data: InfluenceDa
     return {**factor_inputs(est, None, train_data, cfg, model_id), "queries": data_digest(query_data),
             "weights": qset.weights.tolist(), "config": config_hash(cfg, _SELECTION_ONLY),
             "mode": query_cfg.mode, "standardize": query_cfg.standardize, "report_top_k": query_cfg.report_top_k,
-            "measurement": query_cfg.measurement,
+            "measurement": query_cfg.measurement, "aggregation": query_cfg.aggregation,
             "contrast": None if query_data.contrast is None else data_digest(query_data.contrast),
             "code": code_version(*SCORE_CODE)}
 
@@ -338,7 +354,8 @@ def finish_ranking(est: InfluenceEstimator, matrix: torch.Tensor | np.ndarray, t
     """Score matrix -> ranked table -> saved scores stage; returns ``(table, metrics)``."""
     table = build_scores_table(matrix, train_data.ids, qset.ids, qset.weights, query_cfg.mode,
                                query_cfg.standardize, train=train, labels=labels,
-                               allow_unscored=est.cfg.prefilter_top_m is not None)
+                               allow_unscored=est.cfg.prefilter_top_m is not None,
+                               aggregation=query_cfg.aggregation)
     metrics = ranking_metrics(table)
     matrix = matrix.detach().to("cpu", torch.float64).numpy() if torch.is_tensor(matrix) else matrix
     save_scores(table, scores_dir, inputs, qset.table,
