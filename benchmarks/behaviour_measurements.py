@@ -40,6 +40,7 @@ from lancet_core.influence import get_estimator  # noqa: E402
 from lancet_core.influence.base import InfluenceData  # noqa: E402
 from lancet_core.influence.measurement import DEFAULT_SAFE_RESPONSE  # noqa: E402
 from lancet_core.influence.metrics import auroc, recall_at_k  # noqa: E402
+from lancet_core.influence.scores import aggregate  # noqa: E402
 from lancet_core.models.encoding import IGNORE_INDEX, EncodedBatch  # noqa: E402
 
 SHARED_TOKENS = ("[", "FRAUD", "[FRAUD")
@@ -96,7 +97,7 @@ def run_seed(seed: int, hidden: int | None, methods: list[str], fit_samples: int
         }
         res = {}
         for name, m in per_query.items():
-            score = (w[:, None] * m).sum(0)
+            score = aggregate(m, w, standardize=False)  # the weighted mean of raw scores
             order = np.argsort(-score)
             ranks = np.sort(np.argsort(order)[planted])
             res[name] = {"recall_at_k": round(recall_at_k(score, planted), 4), "auroc": round(auroc(score, planted), 4),

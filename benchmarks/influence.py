@@ -357,6 +357,8 @@ def benchmark(wm: dict, methods: list[str], icfg: InfluenceConfig, device: str, 
     train = InfluenceData.from_texts(tok, list(train_df.sample_id), list(train_df.prompt), list(train_df.response),
                                      cfg.model.max_length)
     results, aggregates = {}, {}
+    # The planted samples whose response the model actually said: the causes of these outputs.
+    said = reproduced_mask(train_df, qset.table["response"]) if with_quality else None
     # logprob rows keep the method's name; margin rows (gradient methods only: the lexical
     # baselines read texts, kronfluence's task measures logprob) are "<method>+margin".
     runs = [(m, ms) for ms in measurements for m in methods
@@ -383,8 +385,6 @@ def benchmark(wm: dict, methods: list[str], icfg: InfluenceConfig, device: str, 
                 m = ranking_metrics(table)
                 row.update(recall_at_k=m["recall_at_k"], auroc=m["auroc"], precision_at_k=m["precision_at_k"],
                            k=m["k"], random_recall_at_k=m["random_recall_at_k"])
-                # The planted samples whose response the model actually said: the causes of these outputs.
-                said = reproduced_mask(train_df, qset.table["response"])
                 row.update(k_reproduced=int(said.sum()),
                            recall_at_k_reproduced=recall_at_k(aggregates[name], said) if said.any() else None,
                            auroc_reproduced=auroc(aggregates[name], said) if said.any() else None)
